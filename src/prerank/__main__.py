@@ -1,0 +1,3 @@
+from prerank.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""The `prerank` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from prerank.data.datasets import DATASETS, default_cache_dir, load_dataset
+from prerank.data.pipeline import PROTOCOLS, ProtocolConfig
+from prerank.data.table import DataError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-ranking models for cascade recommender systems.")
+
+ML1M_HINT = (
+    "prerank train --dataset ml-1m --data-dir ../shared/data/ml-1m "
+    "--ratings-file ratings-partial-users0001-2999/ratings.dat.gz --protocol temporal --model two_tower --out runs/tt"
+)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--set hidden=[256,128] --set similarity=dot` -> {"hidden": [256, 128], "similarity": "dot"}."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise typer.BadParameter(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    model: str = typer.Option("two_tower", help="registered model name (see `prerank models`)"),
+    dataset: str = typer.Option("ml-1m", help=f"one of {DATASETS}"),
+    data_dir: Optional[Path] = typer.Option(None, help="dataset folder (ML-1M: users.dat, movies.dat, ratings)"),
+    ratings_file: Optional[str] = typer.Option(None, help="ratings file, relative to --data-dir or absolute"),
+    protocol: str = typer.Option("temporal", help="temporal (leakage-free) or inttower (paper protocol, leaks labels)"),
+    seq_len: int = typer.Option(50, help="behaviour sequence length; 0 drops the feature"),
+    embed_dim: int = typer.Option(32, help="embedding dim of every id feature"),
+    epochs: int = typer.Option(10),
+    batch_size: int = typer.Option(2048),
+    lr: float = typer.Option(1e-3),
+    patience: int = typer.Option(3, help="early-stopping patience on validation AUC"),
+    seed: int = typer.Option(2022),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    set_: list[str] = typer.Option([], "--set", help="model config override key=value (repeatable)"),
+    cache_dir: Optional[Path] = typer.Option(None, help="preprocessing cache (default ~/.cache/prerank)"),
+    out: Path = typer.Option(Path("runs/latest"), help="output folder: metrics.json, checkpoint.pt, history.json"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """Train one model and write OUT/metrics.json and OUT/checkpoint.pt."""
+    from prerank.train.run import run_training
+    from prerank.train.trainer import TrainConfig
+
+    try:
+        protocol_config = ProtocolConfig(name=protocol, seq_len=seq_len, embed_dim=embed_dim)
+        train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
+                                   device=device, num_threads=threads, progress=progress)
+        source = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "ratings_file": ratings_file,
+                  "protocol": protocol_config.__dict__}
+        data = load_dataset(dataset, data_dir, protocol_config, ratings_file, cache_dir or default_cache_dir())
+        if data.meta.get("leaks_labels"):
+            typer.secho(f"note: {data.meta['note']}", fg=typer.colors.YELLOW, err=True)
+        metrics = run_training(data, model, train_config, parse_overrides(set_), out, source)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    test = metrics["test"]
+    typer.echo(
+        f"{metrics['model']} on {metrics['dataset_label']} [{metrics['protocol']}]: test AUC {test['auc']:.4f}  "
+        f"GAUC {test['gauc']:.4f}  logloss {test['logloss']:.4f}  ({metrics['seconds_per_epoch']:.1f} s/epoch)"
+    )
+    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'checkpoint.pt'}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="a checkpoint.pt written by `prerank train`"),
+    data_dir: Optional[Path] = typer.Option(None, help="override the data folder recorded in the checkpoint"),
+    split: str = typer.Option("test", help="train, valid or test"),
+    cache_dir: Optional[Path] = typer.Option(None),
+) -> None:
+    """Re-score a saved model on the split it was trained with; prints the metrics as JSON."""
+    from prerank.train.checkpoint import load_checkpoint
+    from prerank.train.trainer import evaluate as evaluate_table
+
+    try:
+        model, payload = load_checkpoint(checkpoint)
+        source = payload["extra"].get("data_source") or {}
+        if not source:
+            _fail(f"{checkpoint}: no data source recorded; retrain with `prerank train`")
+        data = load_dataset(source["dataset"], data_dir or source["data_dir"], ProtocolConfig(**source["protocol"]),
+                            source.get("ratings_file"), cache_dir or default_cache_dir())
+        if split not in data.splits:
+            _fail(f"unknown split {split!r}; choose train, valid or test")
+        report = evaluate_table(model, data.splits[split])
+    except (DataError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(json.dumps({"model": payload["model"], "split": split, "protocol": data.meta.get("protocol"), **report}, indent=2))
+
+
+@app.command()
+def models() -> None:
+    """List the registered models."""
+    from prerank.models.base import REGISTRY, get_model_class
+
+    get_model_class("two_tower")
+    for name, cls in sorted(REGISTRY.items()):
+        kind = "ranker" if cls.is_ranker else ("pre-ranker" if cls.decoupled else "pre-ranker, not decoupled")
+        doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
+        typer.echo(f"{name:14s} {kind}: {doc.strip().splitlines()[0]}")
+
+
+@app.command()
+def quickstart(
+    epochs: int = typer.Option(5),
+    out: Path = typer.Option(Path("runs/quickstart")),
+) -> None:
+    """Train Two-Tower on a small generated dataset and print the results (no files needed)."""
+    from prerank.quickstart import run_quickstart
+
+    run_quickstart(epochs=epochs, out=out)
+    typer.echo("\nNext, on MovieLens-1M:\n  " + ML1M_HINT)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

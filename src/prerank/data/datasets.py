@@ -1,0 +1,36 @@
+"""Datasets by name: what the CLI and the benchmark load."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prerank.data.pipeline import ProtocolConfig
+from prerank.data.table import PreparedData
+
+DATASETS = ("ml-1m", "synthetic")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PRERANK_CACHE_DIR", Path.home() / ".cache" / "prerank"))
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    protocol: ProtocolConfig | None = None,
+    ratings_file: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+) -> PreparedData:
+    if name == "ml-1m":
+        from prerank.data.movielens import load_movielens
+
+        if data_dir is None:
+            raise ValueError("dataset 'ml-1m' needs --data-dir (the folder with users.dat, movies.dat, ratings)")
+        return load_movielens(data_dir, protocol, ratings_file, cache_dir)
+    if name == "synthetic":
+        from prerank.data.synthetic import load_synthetic
+
+        return load_synthetic(protocol, seed=seed)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")

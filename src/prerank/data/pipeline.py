@@ -1,0 +1,298 @@
+"""From an interaction log to model-ready samples, under a named evaluation protocol.
+
+Any dataset reaches the models through `build_samples`: a log (user, item, timestamp, label,
+optional grade), a user table and an item table of raw attributes, and a list of `FeatureSpec`s.
+The protocol decides the split, where vocabularies and statistics come from, and which
+label-derived features exist:
+
+- ``temporal`` (default, leakage-free): each user's events sorted by time; the last
+  ``test_fraction`` of them form test and the ``valid_fraction`` before that validation.
+  Vocabularies and statistics come from train rows only. The behaviour sequence of an event holds
+  only that user's positive events strictly before it.
+- ``inttower`` (paper protocol, for comparison with published tables only): the preprocessing of
+  the IntTower official ML-1M script. A random 80/20 split, the last 20% of the shuffled train as
+  validation, vocabularies fitted on all data, users with no positive dropped, and two dense
+  features, user and item mean of the binary label, computed *on each split from its own labels*
+  (so every evaluated row's features contain its own label). **This leaks labels into features**;
+  it exists only to reproduce the published numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from prerank.data.schema import FIRST_KNOWN_INDEX, OOV_INDEX, PAD_INDEX, Feature, Kind, Schema, Side
+from prerank.data.table import GRADE, ITEM_ROW, LABEL, TIMESTAMP, PreparedData, SampleTable
+
+PROTOCOLS = ("temporal", "inttower")
+LEAKAGE_NOTE = (
+    "protocol 'inttower' reproduces the IntTower official preprocessing, whose mean-rating features "
+    "are computed from the labels of the split they are used in: it leaks labels and exists only for "
+    "comparison with published tables"
+)
+
+# Log columns after a loader has renamed its own.
+USER, ITEM = "user", "item"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A raw attribute column turned into a schema feature."""
+
+    name: str
+    side: Side
+    kind: Kind
+    column: str = ""  # column in the user or item table; defaults to `name`
+    embed_dim: int | None = None  # None: the build's default embedding dim
+    max_len: int = 0  # bags: 0 means the longest bag seen
+
+    def source(self) -> str:
+        return self.column or self.name
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    name: Literal["temporal", "inttower"] = "temporal"
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seq_len: int = 50  # 0: no behaviour-sequence feature
+    seed: int = 2022  # the inttower protocol's random split
+    embed_dim: int = 32
+
+    def __post_init__(self) -> None:
+        if self.name not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.name!r}; choose one of {PROTOCOLS}")
+        if not (0 < self.valid_fraction < 1 and 0 < self.test_fraction < 1):
+            raise ValueError("valid_fraction and test_fraction must lie in (0, 1)")
+        if self.seq_len < 0:
+            raise ValueError("seq_len must be >= 0")
+
+
+@dataclass
+class Vocab:
+    values: list
+
+    def __post_init__(self) -> None:
+        self._lookup = pd.Index(self.values)
+
+    @classmethod
+    def fit(cls, values) -> Vocab:
+        uniq = pd.unique(pd.Series(values).dropna())
+        try:
+            uniq = np.sort(uniq)
+        except TypeError:
+            pass
+        return cls(list(uniq))
+
+    def __len__(self) -> int:
+        return len(self.values) + FIRST_KNOWN_INDEX
+
+    def encode(self, values) -> np.ndarray:
+        pos = self._lookup.get_indexer(pd.Index(values))
+        return np.where(pos >= 0, pos + FIRST_KNOWN_INDEX, OOV_INDEX).astype(np.int32)
+
+
+def split_temporal(user: np.ndarray, valid_fraction: float, test_fraction: float) -> np.ndarray:
+    """Rows already sorted by (user, time). Returns 0 train, 1 valid, 2 test per row."""
+    starts = np.r_[0, np.flatnonzero(user[1:] != user[:-1]) + 1]
+    counts = np.diff(np.r_[starts, len(user)])
+    per_row_count = np.repeat(counts, counts)
+    position = np.arange(len(user)) - np.repeat(starts, counts)
+    # Users with fewer than 3 events cannot give one event to each split: they stay in train.
+    eligible = per_row_count >= 3
+    n_test = np.where(eligible, np.maximum(1, np.floor(per_row_count * test_fraction)), 0)
+    n_valid = np.where(eligible, np.maximum(1, np.floor(per_row_count * valid_fraction)), 0)
+    split = np.zeros(len(user), dtype=np.int8)
+    split[position >= per_row_count - n_test - n_valid] = 1
+    split[position >= per_row_count - n_test] = 2
+    return split
+
+
+def split_inttower(n: int, seed: int) -> np.ndarray:
+    """sklearn train_test_split(test_size=0.2) then Keras validation_split=0.2 (the tail of train)."""
+    from sklearn.model_selection import train_test_split
+
+    train_rows, test_rows = train_test_split(np.arange(n), test_size=0.2, random_state=seed)
+    split_at = int(len(train_rows) * (1 - 0.2))  # Keras: the first 80% train, the rest validate
+    split = np.zeros(n, dtype=np.int8)
+    split[train_rows[split_at:]] = 1
+    split[test_rows] = 2
+    return split
+
+
+def behaviour_sequences(
+    user: np.ndarray, timestamp: np.ndarray, positive: np.ndarray, item_index: np.ndarray, max_len: int
+) -> np.ndarray:
+    """For each row, the item indices of the same user's positive events strictly earlier in time.
+
+    Rows must be sorted by (user, timestamp). Oldest first, most recent last, left-padded with
+    PAD_INDEX, at most `max_len` long. Events sharing a timestamp never see each other.
+    """
+    n = len(user)
+    _, user_code = np.unique(user, return_inverse=True)
+    _, time_rank = np.unique(timestamp, return_inverse=True)
+    key = user_code.astype(np.int64) * (n + 1) + time_rank
+    pos_rows = np.flatnonzero(positive)
+    pos_key = key[pos_rows]
+    pos_items = item_index[pos_rows]
+    end = np.searchsorted(pos_key, key, side="left")  # exclusive: strictly earlier positives
+    first = np.searchsorted(user_code[pos_rows], user_code, side="left")  # this user's first positive
+    begin = np.maximum(first, end - max_len)
+    gather = end[:, None] - max_len + np.arange(max_len)[None, :]
+    keep = gather >= begin[:, None]
+    if len(pos_items) == 0:
+        return np.full((n, max_len), PAD_INDEX, dtype=np.int32)
+    seq = pos_items[np.clip(gather, 0, len(pos_items) - 1)]
+    return np.where(keep, seq, PAD_INDEX).astype(np.int32)
+
+
+def _encode_bag(lists: pd.Series, vocab: Vocab, max_len: int) -> np.ndarray:
+    out = np.full((len(lists), max_len), PAD_INDEX, dtype=np.int32)
+    for row, values in enumerate(lists):
+        if isinstance(values, (list, tuple, np.ndarray)) and len(values):
+            codes = vocab.encode(list(values)[:max_len])
+            out[row, : len(codes)] = codes
+    return out
+
+
+def _minmax(values: np.ndarray, fit_on: np.ndarray) -> np.ndarray:
+    lo, hi = np.nanmin(fit_on), np.nanmax(fit_on)
+    scale = hi - lo if hi > lo else 1.0
+    return np.nan_to_num((values - lo) / scale).astype(np.float32)
+
+
+def build_samples(
+    log: pd.DataFrame,
+    users: pd.DataFrame,
+    items: pd.DataFrame,
+    features: list[FeatureSpec],
+    protocol: ProtocolConfig,
+    dataset: str,
+    sequence_name: str = "hist_items",
+    meta: dict | None = None,
+) -> PreparedData:
+    """`log` has columns user, item, timestamp, label (0/1) and optionally grade; `users` and
+    `items` are indexed by the raw ids. The first user-side spec must be the user id and the
+    first item-side spec the item id (both categorical, the raw id itself)."""
+    for col in (USER, ITEM, TIMESTAMP, LABEL):
+        if col not in log.columns:
+            raise ValueError(f"interaction log lacks column {col!r}")
+    user_specs = [f for f in features if f.side is not Side.ITEM]
+    item_specs = [f for f in features if f.side is Side.ITEM]
+    user_id_spec, item_id_spec = user_specs[0], item_specs[0]
+
+    log = log.sort_values([USER, TIMESTAMP], kind="stable").reset_index(drop=True)
+    if protocol.name == "inttower":
+        # The official script's inner join with the positive-history table drops users with no positive.
+        has_positive = log.groupby(USER)[LABEL].transform("max") > 0
+        log = log[has_positive].reset_index(drop=True)
+        split = split_inttower(len(log), protocol.seed)
+    else:
+        split = split_temporal(log[USER].to_numpy(), protocol.valid_fraction, protocol.test_fraction)
+    fit_rows = split == 0 if protocol.name == "temporal" else np.ones(len(log), dtype=bool)
+
+    item_row = items.index.get_indexer(log[ITEM])
+    user_row = users.index.get_indexer(log[USER])
+    seen_items = items.iloc[np.unique(item_row[fit_rows])]
+    seen_users = users.iloc[np.unique(user_row[fit_rows])]
+
+    vocabs: dict[str, Vocab] = {}
+    schema_features: list[Feature] = []
+    columns: dict[str, np.ndarray] = {}
+    catalogue: dict[str, np.ndarray] = {}
+    for spec in features:
+        table, seen, rows = (items, seen_items, item_row) if spec.side is Side.ITEM else (users, seen_users, user_row)
+        dim = spec.embed_dim or protocol.embed_dim
+        if spec is user_id_spec or spec is item_id_spec:
+            raw = seen.index.to_numpy()
+            vocabs[spec.name] = Vocab.fit(raw)
+            encoded = vocabs[spec.name].encode(table.index.to_numpy())
+            schema_features.append(Feature(spec.name, spec.side, Kind.CATEGORICAL, len(vocabs[spec.name]), dim))
+        elif spec.kind is Kind.CATEGORICAL:
+            vocabs[spec.name] = Vocab.fit(seen[spec.source()])
+            encoded = vocabs[spec.name].encode(table[spec.source()].to_numpy())
+            schema_features.append(Feature(spec.name, spec.side, spec.kind, len(vocabs[spec.name]), dim))
+        elif spec.kind is Kind.MULTI_CATEGORICAL:
+            bags = table[spec.source()]
+            vocabs[spec.name] = Vocab.fit([v for bag in seen[spec.source()] for v in bag])
+            max_len = spec.max_len or max(1, int(bags.map(len).max()))
+            encoded = _encode_bag(bags, vocabs[spec.name], max_len)
+            schema_features.append(Feature(spec.name, spec.side, spec.kind, len(vocabs[spec.name]), dim, max_len))
+        elif spec.kind is Kind.DENSE:
+            raw = table[spec.source()].to_numpy(dtype=np.float64)
+            encoded = _minmax(raw, seen[spec.source()].to_numpy(dtype=np.float64))
+            schema_features.append(Feature(spec.name, spec.side, spec.kind))
+        else:
+            raise ValueError(f"feature {spec.name!r}: kind {spec.kind.value} cannot come from an attribute table")
+        columns[spec.name] = encoded[rows]
+        if spec.side is Side.ITEM:
+            catalogue[spec.name] = encoded
+
+    item_id_feature = schema_features[[f.name for f in schema_features].index(item_id_spec.name)]
+    if protocol.seq_len > 0:
+        columns[sequence_name] = behaviour_sequences(
+            log[USER].to_numpy(),
+            log[TIMESTAMP].to_numpy(),
+            log[LABEL].to_numpy() > 0,
+            columns[item_id_spec.name],
+            protocol.seq_len,
+        )
+        schema_features.append(
+            Feature(
+                sequence_name,
+                Side.USER,
+                Kind.SEQUENCE,
+                item_id_feature.vocab_size,
+                item_id_feature.embed_dim,
+                protocol.seq_len,
+                vocab=item_id_feature.vocab,
+            )
+        )
+
+    label = log[LABEL].to_numpy(dtype=np.float32)
+    if protocol.name == "inttower":
+        for side_name, key in (("user_mean_rating", USER), ("item_mean_rating", ITEM)):
+            values = np.zeros(len(log), dtype=np.float32)
+            # Train statistics cover train + validation rows (the script splits validation off later).
+            for rows in (split != 2, split == 2):
+                means = log.loc[rows, [key, LABEL]].groupby(key)[LABEL].transform("mean").to_numpy()
+                values[rows] = _minmax(means, means)
+            columns[side_name] = values
+            side = Side.USER if key == USER else Side.ITEM
+            schema_features.append(Feature(side_name, side, Kind.DENSE))
+        # For the catalogue (serving), each item's mean label over the train split.
+        train_means = log.loc[split != 2].groupby(ITEM)[LABEL].mean()
+        per_item = train_means.reindex(items.index).fillna(train_means.mean()).to_numpy()
+        catalogue["item_mean_rating"] = _minmax(per_item, train_means.to_numpy())
+
+    columns[LABEL] = label
+    columns[ITEM_ROW] = item_row.astype(np.int32)
+    columns[TIMESTAMP] = log[TIMESTAMP].to_numpy(dtype=np.int64)
+    columns[GRADE] = log[GRADE].to_numpy(dtype=np.int16) if GRADE in log.columns else np.full(len(log), -1, np.int16)
+    table = SampleTable(columns)
+    schema = Schema(tuple(schema_features), item_id=item_id_spec.name, user_id=user_id_spec.name)
+    raw_ids = items.index.to_numpy()
+    if raw_ids.dtype == object:
+        raw_ids = raw_ids.astype(str)
+    all_meta = {
+        "dataset": dataset,
+        "protocol": protocol.name,
+        "protocol_config": protocol.__dict__,
+        "leaks_labels": protocol.name == "inttower",
+        **({"note": LEAKAGE_NOTE} if protocol.name == "inttower" else {}),
+        **(meta or {}),
+    }
+    return PreparedData(
+        schema=schema,
+        train=table.subset(np.flatnonzero(split == 0)),
+        valid=table.subset(np.flatnonzero(split == 1)),
+        test=table.subset(np.flatnonzero(split == 2)),
+        items=SampleTable(catalogue),
+        item_raw_ids=raw_ids,
+        vocabs={name: [v.item() if hasattr(v, "item") else v for v in vocab.values] for name, vocab in vocabs.items()},
+        meta=all_meta,
+    )

@@ -1,0 +1,137 @@
+"""Small layers every model shares: embeddings by schema, pooling, MLPs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from prerank.data.schema import PAD_INDEX, Feature, Kind, Schema
+
+
+class EmbeddingBank(nn.Module):
+    """One embedding table per vocabulary of the schema.
+
+    This is the only place embedding tables live, behind `lookup`, so that moving them to a
+    sharded implementation (TorchRec) for tables too large for one device changes this class only.
+    """
+
+    def __init__(self, schema: Schema, init_std: float = 0.01) -> None:
+        super().__init__()
+        self.tables = nn.ModuleDict()
+        for f in schema.features:
+            if f.is_id and f.vocab not in self.tables:
+                table = nn.Embedding(f.vocab_size, f.embed_dim, padding_idx=PAD_INDEX)
+                nn.init.normal_(table.weight, std=init_std)
+                with torch.no_grad():
+                    table.weight[PAD_INDEX].zero_()
+                self.tables[f.vocab] = table
+
+    def lookup(self, feature: Feature, ids: Tensor) -> Tensor:
+        return self.tables[feature.vocab](ids)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean over dim -2 of `values` [..., L, d] where `mask` [..., L] is true; zero for empty rows."""
+    weights = mask.unsqueeze(-1).to(values.dtype)
+    return (values * weights).sum(-2) / weights.sum(-2).clamp_min(1.0)
+
+
+@dataclass
+class Fields:
+    """One side's features embedded: `embeddings` [..., F, d] (bags pooled), `dense` [..., n_dense]."""
+
+    embeddings: Tensor
+    dense: Tensor
+
+    def flat(self) -> Tensor:
+        return torch.cat([self.embeddings.flatten(-2), self.dense], dim=-1)
+
+    @property
+    def num_fields(self) -> int:
+        return self.embeddings.shape[-2]
+
+
+class FieldEncoder(nn.Module):
+    """Embeds the features of one side into a field matrix. Bags and sequences are masked-mean pooled."""
+
+    def __init__(self, bank: EmbeddingBank, features: tuple[Feature, ...]) -> None:
+        super().__init__()
+        self.bank = bank
+        self.id_features = tuple(f for f in features if f.is_id)
+        self.dense_features = tuple(f for f in features if f.kind is Kind.DENSE)
+        dims = {f.embed_dim for f in self.id_features}
+        if len(dims) > 1:
+            raise ValueError(f"features of one side must share an embedding dim, got {sorted(dims)}")
+        self.embed_dim = dims.pop() if dims else 0
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.id_features)
+
+    @property
+    def num_dense(self) -> int:
+        return len(self.dense_features)
+
+    @property
+    def flat_dim(self) -> int:
+        return self.num_fields * self.embed_dim + self.num_dense
+
+    def embed(self, feature: Feature, ids: Tensor) -> Tensor:
+        emb = self.bank.lookup(feature, ids)
+        return masked_mean(emb, ids != PAD_INDEX) if feature.is_bag else emb
+
+    def forward(self, batch: dict[str, Tensor]) -> Fields:
+        embeddings = torch.stack([self.embed(f, batch[f.name]) for f in self.id_features], dim=-2)
+        if self.dense_features:
+            dense = torch.stack([batch[f.name].float() for f in self.dense_features], dim=-1)
+        else:
+            dense = embeddings.new_zeros(embeddings.shape[:-2] + (0,))
+        return Fields(embeddings, dense)
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "prelu": nn.PReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class MLP(nn.Module):
+    """Linear → [BatchNorm] → activation → [Dropout] per hidden layer; the last layer is linear if
+    `output_activation` is False. BatchNorm runs over the last dim whatever the leading shape."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: tuple[int, ...],
+        activation: str = "relu",
+        batch_norm: bool = False,
+        dropout: float = 0.0,
+        output_activation: bool = True,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for i, width in enumerate(hidden):
+            last = i == len(hidden) - 1
+            layers.append(nn.Linear(dim, width))
+            if not last or output_activation:
+                if batch_norm:
+                    layers.append(_LastDimBatchNorm(width))
+                layers.append(ACTIVATIONS[activation]())
+                if dropout > 0:
+                    layers.append(nn.Dropout(dropout))
+            dim = width
+        self.net = nn.Sequential(*layers)
+        self.out_dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class _LastDimBatchNorm(nn.BatchNorm1d):
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return super().forward(x)
+        shape = x.shape
+        return super().forward(x.reshape(-1, shape[-1])).reshape(shape)

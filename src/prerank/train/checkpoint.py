@@ -1,0 +1,54 @@
+"""Checkpoints: weights plus everything needed to rebuild the model (name, config, schema)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from prerank.data.schema import Schema
+from prerank.models.base import PreRankModel, config_to_dict, create_model
+
+FORMAT_VERSION = 1
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, model: PreRankModel, extra: dict | None = None) -> None:
+    atomic_torch_save(
+        {
+            "format_version": FORMAT_VERSION,
+            "model": model.name,
+            "model_config": config_to_dict(model.config),
+            "schema": model.schema.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "extra": extra or {},
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: Path) -> tuple[PreRankModel, dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format_version')!r}")
+    model = create_model(payload["model"], Schema.from_dict(payload["schema"]), payload["model_config"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, payload

@@ -1,0 +1,60 @@
+"""One training run end to end: model from the registry, fit, evaluate, write metrics.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from prerank.data.table import PreparedData
+from prerank.models.base import config_to_dict, create_model
+from prerank.train.trainer import Trainer, TrainConfig, evaluate
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def run_training(
+    data: PreparedData,
+    model_name: str,
+    train_config: TrainConfig,
+    model_overrides: dict | None = None,
+    out_dir: Path | None = None,
+    data_source: dict | None = None,
+) -> dict:
+    """Train `model_name` on `data`, evaluate the best epoch on validation and test, and return
+    (and, with `out_dir`, write) the metrics. `data_source` records how to reload the data."""
+    model = create_model(model_name, data.schema, model_overrides)
+    trainer = Trainer(model, train_config)
+    extra = {"data_source": data_source or {}, "data_meta": data.meta, "train_config": train_config.__dict__}
+    trainer.fit(data.train, data.valid, out_dir=out_dir, checkpoint_extra=extra)
+    metrics = {
+        "model": model_name,
+        "dataset": data.meta.get("dataset"),
+        "dataset_label": data.meta.get("dataset_label"),
+        "protocol": data.meta.get("protocol"),
+        "leaks_labels": data.meta.get("leaks_labels", False),
+        "seed": train_config.seed,
+        "test": evaluate(model, data.test, device=train_config.device),
+        "valid": evaluate(model, data.valid, device=train_config.device),
+        "best_epoch": trainer.best_epoch,
+        "epochs_run": len(trainer.history),
+        "seconds_per_epoch": trainer.seconds_per_epoch,
+        "rows_per_second": trainer.rows_per_second,
+        "train_rows": len(data.train),
+        "num_parameters": model.num_parameters(),
+        "model_config": config_to_dict(model.config),
+        "history": [h.__dict__ for h in trainer.history],
+    }
+    if data.meta.get("note"):
+        metrics["note"] = data.meta["note"]
+    if out_dir is not None:
+        write_json_atomic(Path(out_dir) / "metrics.json", metrics)
+    return metrics

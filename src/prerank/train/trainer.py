@@ -1,0 +1,175 @@
+"""The training loop: plain PyTorch, written out so every step is visible.
+
+Adam over shuffled mini-batches of a tensorised sample table; the loss is the model's pointwise
+BCE plus whatever auxiliary losses its `forward` returns; early stopping on validation AUC with
+the best weights kept; seeded and deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from prerank.data.table import LABEL, SampleTable
+from prerank.metrics import auc, pointwise_report
+from prerank.models.base import PreRankModel
+from prerank.train.checkpoint import save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 2048
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 3  # epochs without a better validation AUC before stopping
+    seed: int = 2022
+    device: str = "cpu"
+    eval_batch_size: int = 16384
+    num_threads: int | None = None
+    progress: bool = True
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    valid_auc: float
+    seconds: float
+    rows_per_second: float
+    aux_losses: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_columns(model: PreRankModel) -> list[str]:
+    return [f.name for f in model.schema.features]
+
+
+def to_device_tensors(table: SampleTable, columns: list[str], device: torch.device) -> dict[str, Tensor]:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"sample table lacks columns the model's schema needs: {missing}")
+    tensors = SampleTable({c: table[c] for c in columns}).to_tensors()
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def iterate_batches(tensors: dict[str, Tensor], batch_size: int, generator: torch.Generator | None = None):
+    """Mini-batches by index selection on whole-table tensors (no per-row Python work)."""
+    n = len(next(iter(tensors.values())))
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size].to(next(iter(tensors.values())).device)
+        yield {k: v.index_select(0, rows) for k, v in tensors.items()}
+
+
+@torch.no_grad()
+def predict_table(model: PreRankModel, table: SampleTable, batch_size: int = 16384, device: str | torch.device = "cpu") -> np.ndarray:
+    """Pointwise probabilities for every row of `table`, in row order."""
+    was_training = model.training
+    model.eval()
+    tensors = to_device_tensors(table, model_columns(model), torch.device(device))
+    out = [model.predict(batch).cpu() for batch in iterate_batches(tensors, batch_size)]
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def evaluate(model: PreRankModel, table: SampleTable, batch_size: int = 16384, device: str | torch.device = "cpu") -> dict:
+    probabilities = predict_table(model, table, batch_size, device)
+    return pointwise_report(table[LABEL], probabilities, table[model.schema.user_id])
+
+
+class Trainer:
+    def __init__(self, model: PreRankModel, config: TrainConfig) -> None:
+        self.model = model
+        self.config = config
+        self.device = torch.device(config.device)
+        self.history: list[EpochLog] = []
+        self.best_epoch = 0
+        self.best_valid_auc = -math.inf
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        output = self.model(batch)
+        bce = F.binary_cross_entropy_with_logits(output.logits.reshape(-1), batch[LABEL])
+        return bce + sum(output.aux_losses.values(), torch.zeros((), device=bce.device)), output.aux_losses
+
+    def fit(self, train: SampleTable, valid: SampleTable, out_dir: Path | None = None, checkpoint_extra: dict | None = None) -> list[EpochLog]:
+        c = self.config
+        if c.num_threads:
+            torch.set_num_threads(c.num_threads)
+        seed_everything(c.seed)
+        self.model.to(self.device)
+        columns = model_columns(self.model) + [LABEL]
+        train_tensors = to_device_tensors(train, columns, self.device)
+        optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay)
+        generator = torch.Generator().manual_seed(c.seed)
+        best_state = copy.deepcopy(self.model.state_dict())
+        stale = 0
+        for epoch in range(1, c.epochs + 1):
+            self.model.train()
+            started = time.perf_counter()
+            total, count, aux_totals = 0.0, 0, {}
+            n_batches = math.ceil(len(train) / c.batch_size)
+            bar = tqdm(iterate_batches(train_tensors, c.batch_size, generator), total=n_batches, disable=not c.progress,
+                       desc=f"epoch {epoch}/{c.epochs}", leave=False, unit="batch")
+            for batch in bar:
+                loss, aux = self.loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if c.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+                optimizer.step()
+                rows = len(batch[LABEL])
+                total += loss.item() * rows
+                count += rows
+                for name, value in aux.items():
+                    aux_totals[name] = aux_totals.get(name, 0.0) + value.item() * rows
+                if c.progress:
+                    bar.set_postfix(loss=f"{total / count:.4f}")
+            seconds = time.perf_counter() - started
+            valid_auc = auc(valid[LABEL], predict_table(self.model, valid, c.eval_batch_size, self.device))
+            log = EpochLog(epoch, total / max(count, 1), valid_auc, seconds, count / seconds,
+                           {k: v / max(count, 1) for k, v in aux_totals.items()})
+            self.history.append(log)
+            if c.progress:
+                tqdm.write(f"epoch {epoch}: loss {log.train_loss:.4f}  valid AUC {valid_auc:.4f}  {seconds:.1f}s  {log.rows_per_second:,.0f} rows/s")
+            if valid_auc > self.best_valid_auc:
+                self.best_valid_auc, self.best_epoch, stale = valid_auc, epoch, 0
+                best_state = copy.deepcopy(self.model.state_dict())
+                if out_dir is not None:
+                    save_checkpoint(Path(out_dir) / "checkpoint.pt", self.model, extra={**(checkpoint_extra or {}), "epoch": epoch, "valid_auc": valid_auc})
+            else:
+                stale += 1
+                if stale >= c.patience:
+                    break
+        self.model.load_state_dict(best_state)
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / "history.json").write_text(json.dumps([asdict(h) for h in self.history], indent=2))
+        return self.history
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return float(np.mean([h.seconds for h in self.history])) if self.history else 0.0
+
+    @property
+    def rows_per_second(self) -> float:
+        return float(np.mean([h.rows_per_second for h in self.history])) if self.history else 0.0

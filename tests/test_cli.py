@@ -1,0 +1,39 @@
+import json
+
+from typer.testing import CliRunner
+
+from prerank.cli import app
+
+runner = CliRunner()
+
+
+def test_train_writes_metrics_and_evaluate_rescores(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--dataset", "synthetic", "--model", "two_tower", "--epochs", "2", "--seq-len", "10",
+                                 "--embed-dim", "8", "--batch-size", "256", "--set", "hidden=[32, 16]", "--no-progress", "--out", str(out),
+                                 "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("model", "dataset", "protocol", "seed", "seconds_per_epoch", "num_parameters"):
+        assert key in metrics
+    assert set(metrics["test"]) >= {"auc", "gauc", "logloss"} and "auc" in metrics["valid"]
+    assert metrics["model_config"]["hidden"] == [32, 16]
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(out / "checkpoint.pt")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["auc"] == metrics["test"]["auc"]
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path):
+    result = runner.invoke(app, ["train", "--dataset", "ml-1m", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "needs --data-dir" in result.output
+    result = runner.invoke(app, ["train", "--dataset", "ml-1m", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "no ratings.dat" in result.output
+    result = runner.invoke(app, ["train", "--dataset", "synthetic", "--protocol", "random", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown protocol 'random'" in result.output
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "missing.pt")])
+    assert result.exit_code == 2 and "checkpoint not found" in result.output
+
+
+def test_models_lists_the_registry():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0 and "two_tower" in result.output

@@ -1,0 +1,181 @@
+import gzip
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from prerank.data.movielens import load_movielens, read_double_colon
+from prerank.data.pipeline import ProtocolConfig, behaviour_sequences, build_samples, split_temporal
+from prerank.data.schema import OOV_INDEX, PAD_INDEX, Feature, Kind, Schema
+from prerank.data.synthetic import generate_log, load_synthetic, synthetic_features
+from prerank.data.table import ITEM_ROW, LABEL, TIMESTAMP, DataError, load_prepared
+
+ML_USERS = "1::F::1::10::48067\n2::M::56::16::70072\n3::M::25::15::55117\n"
+ML_MOVIES = "1::Toy Story (1995)::Animation|Children's|Comedy\n2::Jumanji (1995)::Adventure|Children's|Fantasy\n" \
+            "3::Heat: The Sequel (1995)::Action|Crime\n4::Unknown Film::Drama\n"
+
+
+def write_ml(folder: Path, ratings_lines: list[str], gz: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "users.dat").write_text(ML_USERS, encoding="latin-1")
+    (folder / "movies.dat").write_text(ML_MOVIES, encoding="latin-1")
+    body = "".join(line + "\n" for line in ratings_lines)
+    if gz:
+        with gzip.open(folder / "ratings.dat.gz", "wt", encoding="latin-1") as fh:
+            fh.write(body)
+    else:
+        (folder / "ratings.dat").write_text(body, encoding="latin-1")
+    return folder
+
+
+def ml_ratings() -> list[str]:
+    rows = []
+    for user in (1, 2, 3):
+        for t, (movie, rating) in enumerate([(1, 5), (2, 3), (3, 4), (4, 1), (1, 2), (2, 5), (3, 5), (4, 4), (2, 2), (3, 1), (1, 4), (4, 5)]):
+            rows.append(f"{user}::{movie}::{rating}::{1000 + 10 * t + user}")
+    return rows
+
+
+def test_movielens_loader_labels_features_and_gzip(tmp_path):
+    for gz in (False, True):
+        folder = write_ml(tmp_path / f"ml{gz}", ml_ratings(), gz=gz)
+        data = load_movielens(folder, ProtocolConfig(seq_len=5, embed_dim=4))
+        total = sum(len(t) for t in data.splits.values())
+        assert total == 3 * 11  # the one rating of 3 per user is dropped
+        names = {side: [f.name for f in data.schema.side(side)] for side in ("user", "item")}
+        assert names["user"] == ["user_id", "gender", "age", "occupation", "hist_items"]
+        assert names["item"] == ["movie_id", "genres", "year"]
+        assert data.schema["genres"].max_len == 3
+        assert data.meta["dataset_label"] == "ML-1M (users 1–3)"
+        # Labels: rating > 3 positive.
+        for t in data.splits.values():
+            assert set(np.unique(t[LABEL])) <= {0.0, 1.0}
+            assert ((t["grade"] > 3) == (t[LABEL] == 1)).all()
+        # "Heat: The Sequel" keeps its colon-containing title parsed; "Unknown Film" has no year.
+        assert len(data.item_raw_ids) == 4
+
+
+def test_malformed_lines_name_file_line_and_problem(tmp_path):
+    lines = ml_ratings()
+    lines[4] = "1::2::five::1004"
+    folder = write_ml(tmp_path / "bad", lines)
+    with pytest.raises(DataError, match=r"ratings.dat, line 5: field 'rating' is not a number: 'five'"):
+        load_movielens(folder)
+    lines = ml_ratings()
+    lines[2] = "1::2::5"
+    folder = write_ml(tmp_path / "short", lines)
+    with pytest.raises(DataError, match=r"ratings.dat.*line 3"):
+        load_movielens(folder)
+    lines = ml_ratings() + ["1::99::4::5000"]
+    folder = write_ml(tmp_path / "unknown", lines)
+    with pytest.raises(DataError, match=r"line 37: item id 99 is not in movies.dat"):
+        load_movielens(folder)
+    with pytest.raises(DataError, match="no ratings.dat"):
+        load_movielens(tmp_path / "nowhere")
+    (tmp_path / "users_bad").mkdir()
+    folder = write_ml(tmp_path / "users_bad", ml_ratings())
+    (folder / "users.dat").write_text("1::F::1::10\n")
+    with pytest.raises(DataError, match=r"users.dat, line 1: expected 5"):
+        load_movielens(folder)
+
+
+def test_cache_is_reused_and_written_atomically(tmp_path):
+    folder = write_ml(tmp_path / "ml", ml_ratings())
+    first = load_movielens(folder, cache_dir=tmp_path / "cache")
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and not entries[0].name.startswith(".")
+    again = load_prepared(entries[0])
+    for split in ("train", "valid", "test"):
+        for col, values in first.splits[split].columns.items():
+            np.testing.assert_array_equal(values, again.splits[split][col])
+    assert again.schema == first.schema
+
+
+def test_temporal_split_takes_each_users_latest_events():
+    user = np.repeat([1, 2, 3], [20, 10, 2])
+    split = split_temporal(user, 0.1, 0.1)
+    assert list(split[:20]) == [0] * 16 + [1, 1, 2, 2]
+    assert list(split[20:30]) == [0] * 8 + [1, 2]
+    assert list(split[30:]) == [0, 0]  # too few events to split
+
+
+def test_behaviour_sequence_holds_only_strictly_earlier_positives():
+    user = np.array([1, 1, 1, 1, 1, 2, 2])
+    time = np.array([10, 20, 20, 30, 40, 5, 6])
+    positive = np.array([1, 1, 1, 0, 1, 1, 1], dtype=bool)
+    item = np.array([11, 12, 13, 14, 15, 21, 22])
+    seq = behaviour_sequences(user, time, positive, item, max_len=2)
+    expected = [[0, 0], [0, 11], [0, 11], [12, 13], [12, 13], [0, 0], [0, 21]]
+    np.testing.assert_array_equal(seq, expected)
+
+
+def test_temporal_protocol_uses_no_information_from_at_or_after_an_evaluated_row():
+    """Brute force over every evaluated row: its behaviour sequence equals the user's positive
+    events strictly before its timestamp, and its ids are encoded with train-only vocabularies."""
+    log, users, items = generate_log(n_users=60, n_items=40, events_per_user=15, seed=5)
+    # Shared timestamps (two events a slot) make the strictness matter.
+    log[TIMESTAMP] = log[TIMESTAMP] // 120
+    data = build_samples(log, users, items, synthetic_features(), ProtocolConfig(seq_len=6, embed_dim=4), "synthetic")
+    log = log.sort_values(["user", TIMESTAMP], kind="stable")
+    train_items = set(np.asarray(data.item_raw_ids)[np.unique(data.train[ITEM_ROW])])
+    vocab = {raw: i + 2 for i, raw in enumerate(data.vocabs["item_id"])}
+    assert set(data.vocabs["item_id"]) == train_items
+    for split in ("valid", "test"):
+        table = data.splits[split]
+        for row in range(len(table)):
+            uid = data.vocabs["user_id"][table["user_id"][row] - 2]
+            t = table[TIMESTAMP][row]
+            events = log[(log["user"] == uid) & (log[TIMESTAMP] < t) & (log[LABEL] > 0)]
+            expected = [vocab.get(i, OOV_INDEX) for i in events["item"].to_numpy()[-6:]]
+            got = [i for i in table["hist_items"][row] if i != PAD_INDEX]
+            assert got == expected, (split, row)
+            raw_item = data.item_raw_ids[table[ITEM_ROW][row]]
+            assert table["item_id"][row] == vocab.get(raw_item, OOV_INDEX)
+    # Every evaluated event comes after all of that user's training events.
+    for split in ("valid", "test"):
+        latest_train = pd.Series(data.train[TIMESTAMP]).groupby(data.train["user_id"]).max()
+        ev = pd.Series(data.splits[split][TIMESTAMP]).groupby(data.splits[split]["user_id"]).min()
+        assert (ev >= latest_train.reindex(ev.index)).all()
+
+
+def test_inttower_protocol_is_marked_leaky_and_reproduces_the_script():
+    data = load_synthetic(ProtocolConfig(name="inttower", seq_len=0, embed_dim=4), n_users=80, n_items=30, events_per_user=20)
+    assert data.meta["leaks_labels"] and "leaks labels" in data.meta["note"]
+    n = sum(len(t) for t in data.splits.values())
+    assert len(data.test) == math.ceil(0.2 * n)  # sklearn's train_test_split(test_size=0.2)
+    n_train = n - len(data.test)
+    assert len(data.valid) == n_train - int(n_train * 0.8)  # Keras validation_split=0.2
+    assert "user_mean_rating" in data.schema and "item_mean_rating" in data.schema
+    assert data.schema.sequence_feature is None
+    # The leak: test-split mean ratings are computed from the test labels themselves.
+    test = data.test
+    rate = pd.Series(test[LABEL]).groupby(test["user_id"]).transform("mean").to_numpy()
+    lo, hi = rate.min(), rate.max()
+    np.testing.assert_allclose(test["user_mean_rating"], (rate - lo) / (hi - lo), atol=1e-6)
+
+
+def test_schema_validates_and_round_trips():
+    f = [Feature("u", "user", "categorical", 10, 4), Feature("i", "item", "categorical", 5, 4),
+         Feature("s", "user", "sequence", 5, 4, 3, vocab="i")]
+    schema = Schema(tuple(f), item_id="i", user_id="u")
+    assert Schema.from_dict(schema.to_dict()) == schema
+    with pytest.raises(ValueError, match="share vocab"):
+        Schema((f[0], f[1], Feature("s", "user", "sequence", 6, 4, 3, vocab="i")), item_id="i", user_id="u")
+    with pytest.raises(ValueError, match="embed_dim"):
+        Feature("x", "user", "categorical", 10, 0)
+    with pytest.raises(ValueError):
+        Feature("x", "sideways", "categorical", 10, 4)
+    with pytest.raises(ValueError, match="no such feature"):
+        Schema(tuple(f), item_id="missing", user_id="u")
+    with pytest.raises(KeyError, match="no feature"):
+        schema["nope"]
+    assert schema.sequence_feature.name == "s" and schema["s"].kind is Kind.SEQUENCE
+
+
+def test_read_double_colon_reports_non_numbers(tmp_path):
+    path = tmp_path / "x.dat"
+    path.write_text("1::a\nb::c\n")
+    with pytest.raises(DataError, match=r"x.dat, line 2: field 'id' is not a number: 'b'"):
+        read_double_colon(path, ["id", "name"], ["id"])
