@@ -7,7 +7,7 @@ import torch
 
 from prerank.data.table import LABEL
 from prerank.models import REGISTRY, create_model
-from prerank.models.base import PreRankModel
+from prerank.models.base import PreRankModel, gather_items
 
 MODELS = sorted(REGISTRY)
 # Small configs keep the suite fast; each model's defaults are exercised by the CLI tests.
@@ -20,15 +20,12 @@ def build(name, schema, seed=0) -> PreRankModel:
 
 
 def catalogue_states(model, data):
-    """The offline item-state table: encode_items over the whole catalogue, once."""
-    items = {k: v for k, v in data.items.to_tensors().items()}
-    return model.encode_items(items)
+    """The offline item-state table: encode_items over the whole catalogue, in chunks of 7."""
+    return model.encode_catalogue(data.items.to_tensors(), batch_size=7)
 
 
 def gather(state, rows):
-    """Item states for per-row catalogue indices, shaped [B, 1, ...] or [B, N, ...]."""
-    rows = torch.as_tensor(rows, dtype=torch.long)
-    return {k: v[rows.reshape(-1)].reshape(*rows.shape, *v.shape[1:]) for k, v in state.items()}
+    return gather_items(state, torch.as_tensor(rows))
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -85,12 +85,25 @@ class PreRankModel(nn.Module):
         return ModelOutput(logits, aux)
 
     @torch.no_grad()
+    def encode_catalogue(self, items: dict[str, Tensor], batch_size: int = 8192) -> State:
+        """The item-state table: `encode_items` over a whole catalogue (leading dim M), in chunks."""
+        n = len(items[self.schema.item_id])
+        chunks = [self.encode_items({k: v[i : i + batch_size] for k, v in items.items()}) for i in range(0, n, batch_size)]
+        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+    @torch.no_grad()
     def predict(self, batch: dict[str, Tensor]) -> Tensor:
         """Pointwise probabilities for rows whose item features have leading dim [B]."""
         return torch.sigmoid(self.forward(batch).logits.reshape(-1))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def gather_items(table: State, rows: Tensor) -> State:
+    """Item states of catalogue rows `rows` ([B, N] or [B]) from an item-state table (leading dim M)."""
+    rows = rows.long()
+    return {k: v.index_select(0, rows.reshape(-1)).reshape(*rows.shape, *v.shape[1:]) for k, v in table.items()}
 
 
 REGISTRY: dict[str, type[PreRankModel]] = {}

@@ -135,3 +135,29 @@ class _LastDimBatchNorm(nn.BatchNorm1d):
             return super().forward(x)
         shape = x.shape
         return super().forward(x.reshape(-1, shape[-1])).reshape(shape)
+
+
+class TargetAttention(nn.Module):
+    """DIN's activation unit (Zhou et al., KDD 2018, Eq. 3): a query attends over a behaviour sequence.
+
+        a_j = MLP([q; x_j; q - x_j; q * x_j]),   out = sum_j mask_j * w_j * x_j
+
+    with w_j = a_j (DIN's original: no normalisation) or a masked softmax of a_j (`softmax=True`).
+    `query` [..., d] is broadcast against `keys` [..., L, d]; extra leading dims on the query
+    (e.g. one query per candidate, per meta query or per codeword) are allowed when `keys` is
+    given with matching leading dims or is broadcastable.
+    """
+
+    def __init__(self, dim: int, hidden: tuple[int, ...] = (80, 40), activation: str = "prelu", softmax: bool = False) -> None:
+        super().__init__()
+        self.score = nn.Sequential(MLP(4 * dim, hidden, activation=activation), nn.Linear(hidden[-1] if hidden else 4 * dim, 1))
+        self.softmax = softmax
+
+    def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        q = query.unsqueeze(-2).expand_as(keys) if query.dim() == keys.dim() - 1 else query
+        weights = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
+        if self.softmax:
+            weights = weights.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+        else:
+            weights = weights * mask.to(weights.dtype)
+        return (weights.unsqueeze(-1) * keys).sum(-2)

@@ -1,0 +1,35 @@
+import torch
+
+from prerank.models.layers import MLP, TargetAttention, masked_mean
+
+
+def test_masked_mean_ignores_padding_and_empty_rows():
+    values = torch.tensor([[[1.0], [3.0], [100.0]], [[5.0], [7.0], [9.0]]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    torch.testing.assert_close(masked_mean(values, mask), torch.tensor([[2.0], [0.0]]))
+
+
+def test_target_attention_ignores_masked_positions_and_broadcasts_queries():
+    torch.manual_seed(0)
+    attention = TargetAttention(4, hidden=(8,)).eval()
+    keys = torch.randn(2, 5, 4)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    query = torch.randn(2, 4)
+    out = attention(query, keys, mask)
+    changed = keys.clone()
+    changed[0, 2:] = 99.0  # masked positions: no effect
+    torch.testing.assert_close(attention(query, changed, mask), out)
+    # Three queries per row against the same keys equal three separate calls.
+    queries = torch.randn(2, 3, 4)
+    many = attention(queries, keys.unsqueeze(1).expand(2, 3, 5, 4), mask.unsqueeze(1).expand(2, 3, 5))
+    for j in range(3):
+        torch.testing.assert_close(many[:, j], attention(queries[:, j], keys, mask))
+    soft = TargetAttention(4, hidden=(8,), softmax=True)
+    empty = soft(query, keys, torch.zeros(2, 5, dtype=torch.bool))
+    torch.testing.assert_close(empty, torch.zeros(2, 4))
+
+
+def test_mlp_batch_norm_accepts_extra_leading_dims():
+    mlp = MLP(6, (5, 3), batch_norm=True, output_activation=False).eval()
+    x = torch.randn(4, 7, 6)
+    torch.testing.assert_close(mlp(x), mlp(x.reshape(28, 6)).reshape(4, 7, 3))
