@@ -133,6 +133,43 @@ def quickstart(
     typer.echo("\nNext, on MovieLens-1M:\n  " + ML1M_HINT)
 
 
+@app.command()
+def benchmark(
+    dataset: str = typer.Option("ml-1m", help=f"one of {DATASETS}"),
+    data_dir: Optional[Path] = typer.Option(None),
+    ratings_file: Optional[str] = typer.Option(None),
+    protocol: str = typer.Option("temporal", help="temporal or inttower (leaks labels; for published comparisons)"),
+    models: str = typer.Option("all", help="comma-separated models or variants (e.g. two_tower@paper), or 'all'"),
+    seeds: int = typer.Option(3),
+    epochs: int = typer.Option(10),
+    patience: int = typer.Option(2),
+    batch_size: int = typer.Option(2048),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads for training"),
+    candidates: int = typer.Option(1000, help="candidates per request for the serving latency"),
+    cache_dir: Optional[Path] = typer.Option(None),
+    quick: bool = typer.Option(False, help="generated data, 2 epochs, 1 seed: a smoke run for CI"),
+    out: Path = typer.Option(Path("runs/benchmark")),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Train and compare models with one budget; write quality and cost tables, plots, CSV and JSON to OUT."""
+    from prerank.benchmark import BenchmarkConfig, run_benchmark
+
+    if quick:
+        dataset, epochs, seeds = "synthetic", min(epochs, 2), 1 if seeds == 3 else seeds
+    config = BenchmarkConfig(
+        dataset=dataset, data_dir=str(data_dir) if data_dir else None, ratings_file=ratings_file, protocol=protocol,
+        models=tuple(m.strip() for m in models.split(",") if m.strip()), seeds=seeds, epochs=epochs, patience=patience,
+        batch_size=batch_size if not quick else 256, threads=threads, candidates=candidates,
+        latency_repeats=30 if quick else 200, cache_dir=str(cache_dir or default_cache_dir()),
+    )
+    try:
+        ProtocolConfig(name=protocol)
+        run_benchmark(config, out, progress=progress)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {out / 'benchmark.md'} (+ quality.csv, cost.csv, results.json, PNG plots)")
+
+
 def main() -> None:
     app()
 

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from prerank.data.table import PreparedData
-from prerank.models.base import config_to_dict, create_model
+from prerank.models.base import PreRankModel, config_to_dict, create_model
 from prerank.train.trainer import Trainer, TrainConfig, evaluate
 
 
@@ -31,6 +31,18 @@ def run_training(
 ) -> dict:
     """Train `model_name` on `data`, evaluate the best epoch on validation and test, and return
     (and, with `out_dir`, write) the metrics. `data_source` records how to reload the data."""
+    return train_and_evaluate(data, model_name, train_config, model_overrides, out_dir, data_source)[0]
+
+
+def train_and_evaluate(
+    data: PreparedData,
+    model_name: str,
+    train_config: TrainConfig,
+    model_overrides: dict | None = None,
+    out_dir: Path | None = None,
+    data_source: dict | None = None,
+) -> tuple[dict, PreRankModel]:
+    """`run_training` that also returns the trained model (best epoch)."""
     model = create_model(model_name, data.schema, model_overrides)
     trainer = Trainer(model, train_config)
     extra = {"data_source": data_source or {}, "data_meta": data.meta, "train_config": train_config.__dict__}
@@ -57,4 +69,4 @@ def run_training(
         metrics["note"] = data.meta["note"]
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / "metrics.json", metrics)
-    return metrics
+    return metrics, model

@@ -1,0 +1,282 @@
+"""`prerank benchmark`: every model on one dataset with one budget, the papers' tables side by side.
+
+Each (model, seed) cell runs in its own process (so its peak resident memory is its own), trains
+with the shared trainer, evaluates the best epoch, then measures the served path on one CPU
+thread: one request = `encode_user` once + one vectorised `score` over N candidates taken from the
+precomputed item-state table. Cells are written to OUT/cells/ as they finish; a re-run skips
+finished cells, so an interrupted benchmark resumes.
+
+Outputs in OUT: quality.md/csv (AUC, log loss, RelaImpr vs Two-Tower as mean ± std over seeds,
+GAUC), cost.md/csv (seconds per epoch, training rows per second, peak RSS of training, serving
+p50/p99 at N candidates, item-state bytes per item and relative to Two-Tower, parameters),
+results.json, quality_vs_latency.png and training_curves.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# name -> (registered model, config overrides, behaviour-sequence length or None for the protocol default).
+# `@paper` variants use the configuration of the code behind the published tables.
+VARIANTS: dict[str, tuple[str, dict, int | None]] = {
+    "two_tower@paper": ("two_tower", {"temperature": 1.0, "learn_temperature": False}, 0),
+}
+
+# Published ML-1M test AUCs (IntTower paper Table 2; FIT paper table), both under the IntTower code's
+# protocol, whose mean-rating features leak labels.
+PUBLISHED = {
+    "two_tower": {"IntTower T2": 0.8697, "FIT": 0.8695},
+    "dat": {"IntTower T2": 0.8712, "FIT": 0.8784},
+    "cold": {"IntTower T2": 0.8836, "FIT": 0.9009},
+    "inttower": {"IntTower T2": 0.8974, "FIT": 0.9036},
+    "ranktower": {"FIT": 0.9095},
+    "fit": {"FIT": 0.9225},
+}
+BASE = "two_tower"
+
+
+def resolve_variant(variant: str) -> tuple[str, dict, int | None]:
+    return VARIANTS.get(variant, (variant, {}, None))
+
+
+@dataclass
+class BenchmarkConfig:
+    dataset: str = "ml-1m"
+    data_dir: str | None = None
+    ratings_file: str | None = None
+    protocol: str = "temporal"
+    models: tuple[str, ...] = ("all",)
+    seeds: int = 3
+    epochs: int = 10
+    patience: int = 2
+    batch_size: int = 2048
+    threads: int | None = None
+    candidates: int = 1000
+    latency_repeats: int = 200
+    cache_dir: str | None = None
+    extra_overrides: dict = field(default_factory=dict)
+
+
+def all_models() -> list[str]:
+    from prerank.models import REGISTRY
+
+    # Pre-rankers first, the ranking teacher(s) last as the upper reference.
+    return sorted(REGISTRY, key=lambda n: (REGISTRY[n].is_ranker, n != BASE, n))
+
+
+def measure_request_latency(model, item_table: dict, user_inputs: dict, n_candidates: int, repeats: int, seed: int = 0) -> dict:
+    """Latency of one request on the current thread count: the user stage and the per-candidate stage."""
+    import torch
+
+    from prerank.models.base import gather_items
+
+    generator = torch.Generator().manual_seed(seed)
+    n_items = len(next(iter(item_table.values())))
+    rows = torch.randint(0, n_items, (1, n_candidates), generator=generator)
+    user_times, score_times = [], []
+    with torch.inference_mode():
+        for i in range(repeats + repeats // 10):
+            started = time.perf_counter()
+            user_state = model.encode_user(user_inputs)
+            middle = time.perf_counter()
+            model.score(user_state, gather_items(item_table, rows))
+            ended = time.perf_counter()
+            if i >= repeats // 10:  # warm-up rounds are dropped
+                user_times.append(middle - started)
+                score_times.append(ended - middle)
+    total = np.array(user_times) + np.array(score_times)
+    ms = lambda values, q: float(np.percentile(values, q) * 1000)  # noqa: E731
+    return {
+        "candidates": n_candidates,
+        "p50_ms": ms(total, 50), "p99_ms": ms(total, 99),
+        "user_p50_ms": ms(user_times, 50), "user_p99_ms": ms(user_times, 99),
+        "score_p50_ms": ms(score_times, 50), "score_p99_ms": ms(score_times, 99),
+    }
+
+
+def item_state_bytes(item_table: dict) -> float:
+    n_items = len(next(iter(item_table.values())))
+    return sum(v.element_size() * v.numel() for v in item_table.values()) / n_items
+
+
+def run_cell(config: BenchmarkConfig, variant: str, seed: int) -> dict:
+    """One (model, seed) cell; runs in a fresh process."""
+    import torch
+
+    from prerank.data.datasets import load_dataset
+    from prerank.data.pipeline import ProtocolConfig
+    from prerank.train.run import train_and_evaluate
+    from prerank.train.trainer import TrainConfig
+
+    model_name, overrides, seq_len = resolve_variant(variant)
+    protocol = ProtocolConfig(name=config.protocol, **({} if seq_len is None else {"seq_len": seq_len}))
+    data = load_dataset(config.dataset, config.data_dir, protocol, config.ratings_file, config.cache_dir)
+    train_config = TrainConfig(epochs=config.epochs, patience=config.patience, batch_size=config.batch_size,
+                               seed=seed, num_threads=config.threads, progress=False)
+    result, model = train_and_evaluate(data, model_name, train_config, {**overrides, **config.extra_overrides.get(model_name, {})})
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    torch.set_num_threads(1)
+    model.eval()
+    item_table = model.encode_catalogue(data.items.to_tensors())
+    first_test_row = data.test.subset(np.arange(1)).to_tensors()
+    result["serving"] = measure_request_latency(model, item_table, model.user_inputs(first_test_row),
+                                                config.candidates, config.latency_repeats, seed)
+    result["item_state_bytes"] = item_state_bytes(item_table)
+    result.update(variant=variant, overrides=overrides, seq_len=protocol.seq_len, is_ranker=type(model).is_ranker,
+                  decoupled=type(model).decoupled)
+    return result
+
+
+def _cell_path(out: Path, variant: str, seed: int) -> Path:
+    return out / "cells" / f"{variant.replace('/', '_')}-seed{seed}.json"
+
+
+def run_benchmark(config: BenchmarkConfig, out: Path, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from prerank.train.run import write_json_atomic
+
+    variants = all_models() if "all" in config.models else list(config.models)
+    cells = [(v, s) for v in variants for s in range(1, config.seeds + 1)]
+    results = []
+    context = multiprocessing.get_context("spawn")
+    bar = tqdm(cells, desc="benchmark", unit="cell", disable=not progress)
+    for variant, seed in bar:
+        bar.set_postfix_str(f"{variant} seed {seed}")
+        path = _cell_path(out, variant, seed)
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+            continue
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            result = pool.submit(run_cell, config, variant, seed).result()
+        write_json_atomic(path, result)
+        results.append(result)
+        tqdm.write(f"{variant} seed {seed}: test AUC {result['test']['auc']:.4f}  p99 {result['serving']['p99_ms']:.2f} ms "
+                   f"at N={config.candidates}")
+    write_reports(results, config, out)
+    return results
+
+
+def _mean_std(values) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std())
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    from prerank.metrics import rela_impr
+
+    by_variant: dict[str, list[dict]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(r)
+    base_auc = np.mean([r["test"]["auc"] for r in by_variant[BASE]]) if BASE in by_variant else None
+    base_bytes = np.mean([r["item_state_bytes"] for r in by_variant[BASE]]) if BASE in by_variant else None
+    rows = []
+    for variant, runs in by_variant.items():
+        auc_mean, auc_std = _mean_std([r["test"]["auc"] for r in runs])
+        impr = [rela_impr(r["test"]["auc"], base_auc) for r in runs] if base_auc is not None else None
+        row = {
+            "model": variant,
+            "role": "ranker (upper reference)" if runs[0]["is_ranker"] else "pre-ranker",
+            "seeds": len(runs),
+            "auc": auc_mean, "auc_std": auc_std,
+            "logloss": _mean_std([r["test"]["logloss"] for r in runs])[0],
+            "logloss_std": _mean_std([r["test"]["logloss"] for r in runs])[1],
+            "gauc": _mean_std([r["test"]["gauc"] for r in runs])[0],
+            "rela_impr": _mean_std(impr)[0] if impr else None,
+            "rela_impr_std": _mean_std(impr)[1] if impr else None,
+            "seconds_per_epoch": _mean_std([r["seconds_per_epoch"] for r in runs])[0],
+            "rows_per_second": _mean_std([r["rows_per_second"] for r in runs])[0],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "p50_ms": _mean_std([r["serving"]["p50_ms"] for r in runs])[0],
+            "p99_ms": _mean_std([r["serving"]["p99_ms"] for r in runs])[0],
+            "bytes_per_item": _mean_std([r["item_state_bytes"] for r in runs])[0],
+            "num_parameters": runs[0]["num_parameters"],
+            "published": PUBLISHED.get(resolve_variant(variant)[0], {}) if runs[0]["dataset"] == "ml-1m" else {},
+        }
+        row["storage_vs_two_tower"] = row["bytes_per_item"] / base_bytes if base_bytes else None
+        rows.append(row)
+    return rows
+
+
+def write_reports(results: list[dict], config: BenchmarkConfig, out: Path) -> None:
+    from prerank.train.run import write_json_atomic
+
+    rows = aggregate(results)
+    first = results[0]
+    leak = first.get("leaks_labels")
+    header = (f"Dataset: {first['dataset_label']}; protocol: {first['protocol']}"
+              f"{' (leaks labels into features: for comparison with published tables only)' if leak else ' (leakage-free)'}; "
+              f"{config.epochs} epochs max, early stopping patience {config.patience}, batch {config.batch_size}, "
+              f"seeds 1..{config.seeds}. Serving: one request of {config.candidates} candidates on 1 CPU thread.")
+    published_note = ("Published AUCs are ML-1M (all users) under the IntTower code's protocol, which leaks labels; "
+                      "they compare with rows measured under `--protocol inttower` only.")
+    quality = ["| model | role | seeds | AUC | log loss | GAUC | RelaImpr vs two_tower | published AUC |", "|---|---|---|---|---|---|---|---|"]
+    cost = ["| model | s/epoch | train rows/s | peak RSS (MB) | p50 ms | p99 ms | bytes/item | vs two_tower | parameters |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        impr = "–" if r["rela_impr"] is None or r["model"] == BASE else f"{r['rela_impr']:+.2f}% ± {r['rela_impr_std']:.2f}"
+        published = ", ".join(f"{k} {v}" for k, v in r["published"].items()) or "–"
+        quality.append(f"| {r['model']} | {r['role']} | {r['seeds']} | {r['auc']:.4f} ± {r['auc_std']:.4f} | "
+                       f"{r['logloss']:.4f} ± {r['logloss_std']:.4f} | {r['gauc']:.4f} | {impr} | {published} |")
+        cost.append(f"| {r['model']} | {r['seconds_per_epoch']:.1f} | {r['rows_per_second']:,.0f} | {r['peak_rss_mb']:,.0f} | "
+                    f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['bytes_per_item']:.0f} | {fmt(r['storage_vs_two_tower'], '.2f')}× | "
+                    f"{r['num_parameters']:,} |")
+    markdown = (f"# prerank benchmark\n\n{header}\n\n## Quality (test split)\n\n" + "\n".join(quality)
+                + f"\n\n{published_note}\n\n## Cost\n\n" + "\n".join(cost)
+                + "\n\n![quality vs latency](quality_vs_latency.png)\n\n![training curves](training_curves.png)\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.md").write_text(markdown)
+    for name, columns in (("quality", ["model", "role", "seeds", "auc", "auc_std", "logloss", "logloss_std", "gauc", "rela_impr", "rela_impr_std"]),
+                          ("cost", ["model", "seconds_per_epoch", "rows_per_second", "peak_rss_mb", "p50_ms", "p99_ms",
+                                    "bytes_per_item", "storage_vs_two_tower", "num_parameters"])):
+        with open(out / f"{name}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    write_json_atomic(out / "results.json", {"config": asdict(config), "summary": rows, "cells": results})
+    plot(rows, results, out)
+
+
+def plot(rows: list[dict], results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        ax.errorbar(r["p99_ms"], r["auc"], yerr=r["auc_std"], fmt="s" if "ranker (" in r["role"] else "o", capsize=3)
+        ax.annotate(r["model"], (r["p99_ms"], r["auc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("serving latency p99, ms (one request, 1 CPU thread)")
+    ax.set_ylabel("test AUC (mean ± std over seeds)")
+    ax.set_title(f"{results[0]['dataset_label']} [{results[0]['protocol']}]")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_latency.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        run = next(r for r in results if r["variant"] == variant)  # the first seed's curve
+        ax.plot([h["epoch"] for h in run["history"]], [h["valid_auc"] for h in run["history"]], marker="o", label=variant)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation AUC")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=120)
+    plt.close(fig)
