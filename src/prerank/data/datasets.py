@@ -8,7 +8,10 @@ from pathlib import Path
 from prerank.data.pipeline import ProtocolConfig
 from prerank.data.table import PreparedData
 
-DATASETS = ("ml-1m", "synthetic")
+DATASETS = ("ml-1m", "synthetic", "synthetic-ml1m-scale")
+# Generated data with the shape of the full MovieLens-1M release (6,040 users, 3,706 rated movies,
+# about 1M events): for memory and speed measurements at full scale where the real file is absent.
+ML1M_SCALE = {"n_users": 6040, "n_items": 3706, "events_per_user": 166}
 
 
 def default_cache_dir() -> Path:
@@ -33,4 +36,8 @@ def load_dataset(
         from prerank.data.synthetic import load_synthetic
 
         return load_synthetic(protocol, seed=seed)
+    if name == "synthetic-ml1m-scale":
+        from prerank.data.synthetic import load_synthetic
+
+        return load_synthetic(protocol or ProtocolConfig(), seed=seed, **ML1M_SCALE)
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
