@@ -13,6 +13,7 @@ import yaml
 from prerank.data.datasets import DATASETS, default_cache_dir, load_dataset
 from prerank.data.pipeline import PROTOCOLS, ProtocolConfig
 from prerank.data.table import DataError
+from prerank.serve.commands import register as register_serving
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-ranking models for cascade recommender systems.")
 
@@ -131,6 +132,9 @@ def quickstart(
 
     run_quickstart(epochs=epochs, out=out)
     typer.echo("\nNext, on MovieLens-1M:\n  " + ML1M_HINT)
+
+
+register_serving(app)  # export, serve, bench-serve, load-test
 
 
 def main() -> None:
