@@ -56,6 +56,8 @@ def test_export_bench_and_load_test_commands(checkpoint, tmp_path):
 def test_export_and_serve_errors_are_messages(tmp_path):
     result = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "a")])
     assert result.exit_code == 2 and "checkpoint not found" in result.output
+    result = runner.invoke(app, ["serve", str(tmp_path), "--port", "0"])
+    assert result.exit_code == 2 and "not an artifact" in result.output
     result = runner.invoke(app, ["bench-serve", str(tmp_path)])
     assert result.exit_code == 2 and "not an artifact" in result.output
     result = runner.invoke(app, ["load-test", str(tmp_path), "--url", "http://10.0.0.1:80"])

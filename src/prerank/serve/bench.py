@@ -116,24 +116,28 @@ def bench_serve(
     latency = []
     for n in sizes:
         pool = [sampler.request(n, k) for _ in range(distinct_requests)]
-        user_ms, candidate_ms, total_ms = [], [], []
+        wall = {"user_stage": [], "candidate_stage": [], "total": []}
+        cpu = {"user_stage": [], "candidate_stage": [], "total": []}
         for i in range(warmup + repeats):
             r = pool[i % len(pool)]
-            t0 = now()
+            t0, c0 = now(), time.process_time()
             state = scorer.user_state(r["user_features"], r["behaviour"])
-            t1 = now()
+            t1, c1 = now(), time.process_time()
             rows, _ = scorer.candidate_rows(r["candidates"])
             with torch.inference_mode():
                 best = torch.topk(scorer.score_rows(state, rows), min(k, len(rows)))
             _ = scorer.artifact.item_ids[rows[best.indices.cpu().numpy()]].tolist()
-            t2 = now()
+            t2, c2 = now(), time.process_time()
             if i >= warmup:
-                user_ms.append((t1 - t0) * 1e3)
-                candidate_ms.append((t2 - t1) * 1e3)
-                total_ms.append((t2 - t0) * 1e3)
+                for record, (a, b, c) in ((wall, (t0, t1, t2)), (cpu, (c0, c1, c2))):
+                    record["user_stage"].append((b - a) * 1e3)
+                    record["candidate_stage"].append((c - b) * 1e3)
+                    record["total"].append((c - a) * 1e3)
         latency.append({"candidates": n, "k": min(k, n), "sampled_with_replacement": n > manifest["item_count"],
-                        "user_stage": percentiles(user_ms), "candidate_stage": percentiles(candidate_ms),
-                        "total": percentiles(total_ms)})
+                        **{stage: percentiles(samples) for stage, samples in wall.items()},
+                        # CPU time of the process: what the request costs on a core of its own, free of the
+                        # time a busy machine keeps it descheduled (wall clock above includes that).
+                        "cpu_time": {stage: percentiles(samples) for stage, samples in cpu.items()}})
 
     if reference is not None:
         ref_bytes, ref_from = read_manifest(reference)["bytes_per_item"], str(reference)
@@ -162,6 +166,8 @@ def bench_serve(
             "torch_threads": torch.get_num_threads(),
             "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
+            # A shared machine inflates the tail: the 1-minute load average when the run ended says how busy it was.
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "gpu": torch.cuda.get_device_name(scorer.device) if cuda else None,
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -174,6 +180,12 @@ def bench_serve(
     }
 
 
+LATENCY_HEADER = (
+    "| N candidates | k | user stage p50 / p99 (ms) | candidate stage p50 / p99 (ms) | total p50 / p99 (ms) |",
+    "|---:|---:|---:|---:|---:|",
+)
+
+
 def bench_markdown(result: dict) -> str:
     s, c = result["storage"], result["conditions"]
     lines = [
@@ -181,16 +193,26 @@ def bench_markdown(result: dict) -> str:
         "",
         f"Device {c['device']}{' (' + c['gpu'] + ')' if c['gpu'] else ''}, {c['torch_threads']} torch thread(s), "
         f"{c['cpu']}; torch {c['torch']}; {c['repeats']} timed requests per N after {c['warmup']} warm-up; "
-        f"behaviour sequence of {c['behaviour_length']} items; one request (B = 1) at a time, no HTTP.",
+        f"behaviour sequence of {c['behaviour_length']} items; one request (B = 1) at a time, no HTTP; "
+        f"{c['cpu_count']} CPUs, 1-min load average {c.get('load_average_1min') or 0:.1f} at the end of the run.",
         "",
-        "| N candidates | k | user stage p50 / p99 (ms) | candidate stage p50 / p99 (ms) | total p50 / p99 (ms) |",
-        "|---:|---:|---:|---:|---:|",
+        "Wall clock (what a caller waits):",
+        "",
+        *LATENCY_HEADER,
     ]
-    for row in result["latency"]:
-        u, cand, t = row["user_stage"], row["candidate_stage"], row["total"]
-        note = " (sampled with replacement)" if row["sampled_with_replacement"] else ""
-        lines.append(f"| {row['candidates']:,}{note} | {row['k']} | {u['p50_ms']:.3f} / {u['p99_ms']:.3f} | "
-                     f"{cand['p50_ms']:.3f} / {cand['p99_ms']:.3f} | {t['p50_ms']:.3f} / {t['p99_ms']:.3f} |")
+
+    def table(get) -> list[str]:
+        rows = []
+        for row in result["latency"]:
+            u, cand, t = get(row)["user_stage"], get(row)["candidate_stage"], get(row)["total"]
+            note = " (sampled with replacement)" if row["sampled_with_replacement"] else ""
+            rows.append(f"| {row['candidates']:,}{note} | {row['k']} | {u['p50_ms']:.3f} / {u['p99_ms']:.3f} | "
+                        f"{cand['p50_ms']:.3f} / {cand['p99_ms']:.3f} | {t['p50_ms']:.3f} / {t['p99_ms']:.3f} |")
+        return rows
+
+    lines += table(lambda row: row)
+    lines += ["", "CPU time of the process (the cost on a core of its own; excludes time spent descheduled on a busy machine):",
+              "", *LATENCY_HEADER, *table(lambda row: row["cpu_time"])]
     rel = f"{s['relative_to_two_tower']:.2f}×" if s["relative_to_two_tower"] is not None else "–"
     layout = ", ".join(f"{name} {v['dtype']}{v['shape_per_item']}" for name, v in s["item_state"].items())
     lines += [

@@ -60,13 +60,14 @@ def serve(
     verify: bool = typer.Option(True, help="check file checksums against the manifest on start"),
     max_candidates: int = typer.Option(100_000, help="reject requests with more candidates"),
     log_level: str = typer.Option("info"),
+    workers: int = typer.Option(1, help="server processes (they share the memory-mapped item-state table)"),
 ) -> None:
     """Serve an artifact over HTTP: POST /v1/prerank, GET /v1/model, GET /healthz, docs at /docs."""
     from prerank.serve.app import serve as run_server
     from prerank.serve.artifact import ArtifactError
 
     try:
-        run_server(str(artifact), host, port, threads or None, device, verify, max_candidates, log_level)
+        run_server(str(artifact), host, port, threads or None, device, verify, max_candidates, log_level, workers)
     except ArtifactError as err:
         _fail(str(err))
 

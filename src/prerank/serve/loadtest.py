@@ -44,9 +44,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @contextmanager
 def local_server(artifact: str | Path, threads: int = 1, startup_timeout: float = 120.0):
-    """`prerank serve` in a child process on a free loopback port; yields its base URL."""
+    """`prerank serve` in a child process on a free loopback port; yields (base URL, child process)."""
     port = free_port()
     command = [sys.executable, "-m", "prerank", "serve", str(artifact), "--host", "127.0.0.1", "--port", str(port),
                "--threads", str(threads), "--log-level", "warning"]
@@ -68,7 +77,7 @@ def local_server(artifact: str | Path, threads: int = 1, startup_timeout: float 
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not answer /healthz within {startup_timeout:.0f} s")
             time.sleep(0.2)
-        yield url
+        yield url, child
     finally:
         child.terminate()
         try:
@@ -143,17 +152,23 @@ def load_test(
     sampler = RequestSampler(schema, vocabs, np.load(artifact / IDS_FILE, allow_pickle=False), seed)
     bodies = [json.dumps(sampler.request(candidates, k)).encode() for _ in range(distinct_requests)]
 
-    def run(base: str) -> dict:
+    def run(base: str, server_cpu=lambda: None) -> dict:
         if warmup:
             asyncio.run(_fire(base, bodies, warmup, min(concurrency, warmup), timeout, max_seconds))
-        return asyncio.run(_fire(base, bodies, requests, concurrency, timeout, max_seconds))
+        server_before, client_before = server_cpu(), time.process_time()
+        report = asyncio.run(_fire(base, bodies, requests, concurrency, timeout, max_seconds))
+        server_after, done = server_cpu(), max(report["requests"], 1)
+        report["client_cpu_ms_per_request"] = (time.process_time() - client_before) * 1e3 / done
+        if server_before is not None and server_after is not None:
+            report["server_cpu_ms_per_request"] = (server_after - server_before) * 1e3 / done
+        return report
 
     if url is not None:
         report = run(check_loopback(url))
         server = {"url": url, "started_here": False}
     else:
-        with local_server(artifact, threads) as base:
-            report = run(base)
+        with local_server(artifact, threads) as (base, child):
+            report = run(base, lambda: process_cpu_seconds(child.pid))
         server = {"url": "127.0.0.1 (child process)", "started_here": True, "torch_threads": threads}
     return {
         "model": manifest["model"],
@@ -168,6 +183,10 @@ def load_test(
     }
 
 
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def load_markdown(result: dict) -> str:
     lat = result["latency"]
     return "\n".join([
@@ -178,11 +197,12 @@ def load_markdown(result: dict) -> str:
         f"{', server on ' + str(result['server'].get('torch_threads')) + ' torch thread(s)' if result['server'].get('torch_threads') else ''}; "
         f"client and server on the same machine, after {result['warmup_requests']} warm-up requests.",
         "",
-        "| throughput (req/s) | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) | non-2xx | 5xx | status counts |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| throughput (req/s) | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) | non-2xx | 5xx | status counts | server CPU / req (ms) | client CPU / req (ms) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
         f"| {result['throughput_rps']:.1f} | {lat.get('p50_ms', float('nan')):.2f} | {lat.get('p90_ms', float('nan')):.2f} | "
         f"{lat.get('p99_ms', float('nan')):.2f} | {lat.get('max_ms', float('nan')):.2f} | {result['non_2xx']} | {result['status_5xx']} | "
-        f"{json.dumps(result['status_counts'])} |",
+        f"{json.dumps(result['status_counts'])} | {_ms(result.get('server_cpu_ms_per_request'))} | "
+        f"{_ms(result.get('client_cpu_ms_per_request'))} |",
         "",
         *(["Stopped early at the time limit."] if result["stopped_early"] else []),
     ]) + "\n"
