@@ -77,6 +77,9 @@ def compute_item_table(model: PreRankModel, items: dict[str, torch.Tensor], batc
     model.eval()
     table = model.encode_catalogue(items, batch_size=batch_size)
     model.train(was_training)
+    unsupported = sorted(name for name, tensor in table.items() if tensor.dtype == torch.bfloat16)
+    if unsupported:
+        raise ArtifactError(f"item state {unsupported} is bfloat16, which .npy cannot hold: return float32 or float16")
     return {name: tensor.detach().cpu().contiguous().numpy() for name, tensor in table.items()}
 
 
