@@ -241,3 +241,25 @@ def test_load_test_accepts_loopback_only():
     assert check_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
     with pytest.raises(ValueError, match="127.0.0.1 only"):
         check_loopback("http://example.com:8000")
+
+
+def test_dense_user_features_are_served_at_the_model_scale(tmp_path):
+    """The inttower protocol adds a dense user feature (user mean rating): HTTP still equals forward."""
+    from prerank.data.pipeline import ProtocolConfig
+    from prerank.data.synthetic import load_synthetic
+
+    data = load_synthetic(ProtocolConfig(name="inttower", seq_len=6, embed_dim=8), n_users=80, n_items=40, events_per_user=15, seed=5)
+    assert any(f.kind is Kind.DENSE for f in data.schema.user_features)
+    model = trained("two_tower", data)
+    export_artifact(model, data, tmp_path / "artifact")
+    client = TestClient(create_app(Scorer.load(tmp_path / "artifact")))
+    item_rows = np.arange(len(data.item_raw_ids))
+    for row in (0, 5):
+        user_features, behaviour = raw_request(data, data.test, row)
+        body = client.post("/v1/prerank", json={"user_features": user_features, "behaviour": behaviour,
+                                                "candidates": data.item_raw_ids.tolist(), "k": len(item_rows)}).json()
+        served = dict(zip(body["items"], body["scores"]))
+        expected = forward_logits(model, data, data.test, row, item_rows)
+        torch.testing.assert_close(torch.tensor([served[c] for c in data.item_raw_ids.tolist()]), expected, atol=1e-5, rtol=1e-5)
+    bad = client.post("/v1/prerank", json={"user_features": {**user_features, "user_mean_rating": "high"}, "candidates": [1]})
+    assert bad.status_code == 422 and "user_mean_rating" in bad.text
