@@ -194,6 +194,11 @@ def test_request_features_are_checked_and_unseen_values_are_oov(two_tower_artifa
     assert encoded.tolist() == [scorer.vocab_index[seq.vocab].get(r) or OOV_INDEX for r in expected]
     short = scorer.encode_request(user_features, long_history[:2])[seq.name][0].tolist()
     assert short[:-2] == [PAD_INDEX] * (seq.max_len - 2)
+    # The sequence may also come as a user feature under its schema name, but not both ways at once.
+    by_name = scorer.encode_request({**user_features, seq.name: long_history[:2]})[seq.name][0].tolist()
+    assert by_name == short
+    with pytest.raises(RequestError, match="came twice"):
+        scorer.encode_request({**user_features, seq.name: long_history[:2]}, long_history[:2])
 
 
 def test_http_endpoints_and_validation(two_tower_artifact, small_data):

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from prerank.data.schema import FIRST_KNOWN_INDEX, OOV_INDEX, PAD_INDEX, Feature, Kind
 from prerank.models.base import State, gather_items
-from prerank.serve.artifact import Artifact, load_artifact
+from prerank.serve.artifact import Artifact, ArtifactError, load_artifact
 
 OnUnknown = Literal["error", "skip"]
 
@@ -94,12 +94,11 @@ class Scorer:
         self.device = next(iter(artifact.item_table.values())).device
         self.items = ItemIndex(artifact.item_ids)
         self.sequence = self.schema.sequence_feature
-        self.user_features = tuple(f for f in self.schema.user_features)
-        self.vocab_index = {f.vocab: ValueIndex(artifact.vocabs.get(f.vocab, []), FIRST_KNOWN_INDEX)
-                            for f in self.user_features if f.is_id}
+        self.user_features = self.schema.user_features
         missing = sorted({f.vocab for f in self.user_features if f.is_id} - set(artifact.vocabs))
         if missing:
-            raise RequestError(f"{artifact.path}: vocabs.json lacks the vocabularies {missing}")
+            raise ArtifactError(f"{artifact.path / 'vocabs.json'}: lacks the vocabularies {missing}")
+        self.vocab_index = {f.vocab: ValueIndex(artifact.vocabs[f.vocab], FIRST_KNOWN_INDEX) for f in self.user_features if f.is_id}
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", verify: bool = True) -> Scorer:
@@ -145,7 +144,7 @@ class Scorer:
         unexpected = sorted(set(user_features) - known)
         if unexpected:
             raise RequestError(f"unknown user feature(s) {unexpected}; this model takes {sorted(known)}")
-        if self.sequence is not None and self.sequence.name in user_features and behaviour is not None:
+        if self.sequence is not None and self.sequence.name in user_features and behaviour:
             raise RequestError(f"the behaviour sequence came twice: as `behaviour` and as feature {self.sequence.name!r}")
         if behaviour and self.sequence is None:
             raise RequestError("this model has no behaviour-sequence feature: send an empty behaviour")
