@@ -108,6 +108,7 @@ def export_artifact(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a serving user may differ from the exporting one
         catalogue = data.items.to_tensors()
         device = next(model.parameters()).device
         items = {f.name: catalogue[f.name].to(device) for f in model.schema.item_features}
