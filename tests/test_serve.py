@@ -234,7 +234,7 @@ def test_http_endpoints_and_validation(two_tower_artifact, small_data):
 
 def test_serving_never_imports_the_trainer(two_tower_artifact):
     _, path = two_tower_artifact
-    code = ("import sys; from prerank.serve.app import create_app; from prerank.serve.scorer import Scorer; "
+    code = ("import sys; import prerank.cli; from prerank.serve.app import create_app; from prerank.serve.scorer import Scorer; "
             f"create_app(Scorer.load({str(path)!r})); "
             "bad = sorted(m for m in sys.modules if m.startswith('prerank.train')); assert not bad, bad")
     env = {**os.environ, "PYTHONPATH": str(Path(prerank.__file__).resolve().parents[1])}
