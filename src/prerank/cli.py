@@ -10,9 +10,10 @@ from typing import Optional
 import typer
 import yaml
 
-from prerank.data.datasets import DATASETS, default_cache_dir, load_dataset
+from prerank.data.datasets import DATASETS, default_cache_dir, load_dataset, load_recorded
 from prerank.data.pipeline import PROTOCOLS, ProtocolConfig
 from prerank.data.table import DataError
+from prerank.serve.commands import register as register_serving
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-ranking models for cascade recommender systems.")
 
@@ -96,11 +97,7 @@ def evaluate(
 
     try:
         model, payload = load_checkpoint(checkpoint)
-        source = payload["extra"].get("data_source") or {}
-        if not source:
-            _fail(f"{checkpoint}: no data source recorded; retrain with `prerank train`")
-        data = load_dataset(source["dataset"], data_dir or source["data_dir"], ProtocolConfig(**source["protocol"]),
-                            source.get("ratings_file"), cache_dir or default_cache_dir())
+        data = load_recorded(payload["extra"].get("data_source") or {}, data_dir, cache_dir)
         if split not in data.splits:
             _fail(f"unknown split {split!r}; choose train, valid or test")
         report = evaluate_table(model, data.splits[split])
@@ -168,6 +165,9 @@ def benchmark(
     except (DataError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"wrote {out / 'benchmark.md'} (+ quality.csv, cost.csv, results.json, PNG plots)")
+
+
+register_serving(app)  # export, serve, bench-serve, load-test
 
 
 def main() -> None:

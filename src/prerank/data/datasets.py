@@ -41,3 +41,11 @@ def load_dataset(
 
         return load_synthetic(protocol or ProtocolConfig(), seed=seed, **ML1M_SCALE)
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+
+
+def load_recorded(source: dict, data_dir: str | Path | None = None, cache_dir: str | Path | None = None) -> PreparedData:
+    """Reload the data a checkpoint was trained on, from the `data_source` it records."""
+    if not source:
+        raise ValueError("no data source recorded; retrain with `prerank train`")
+    return load_dataset(source["dataset"], data_dir or source.get("data_dir"), ProtocolConfig(**source["protocol"]),
+                        source.get("ratings_file"), cache_dir or default_cache_dir())

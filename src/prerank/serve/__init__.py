@@ -1,0 +1,9 @@
+"""Serving: the exported artifact (item-state table), the online scorer, the HTTP service and its benchmarks.
+
+Imports models and data only, never the trainer (`prerank export` loads a checkpoint inside its command).
+"""
+
+from prerank.serve.artifact import Artifact, ArtifactError, export_artifact, load_artifact
+from prerank.serve.scorer import RequestError, Scorer, ScoreResult, UnknownItemsError
+
+__all__ = ["Artifact", "ArtifactError", "RequestError", "ScoreResult", "Scorer", "UnknownItemsError", "export_artifact", "load_artifact"]

@@ -1,0 +1,135 @@
+"""CLI commands for export and serving: `prerank export`, `serve`, `bench-serve`, `load-test`.
+
+Imports stay inside the commands: `serve` must not load the trainer, and `prerank --help`
+should not pay for FastAPI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+RESULTS = Path("benchmarks/results/serving")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def export(
+    checkpoint: Path = typer.Option(..., help="a checkpoint.pt written by `prerank train`"),
+    out: Path = typer.Option(..., help="artifact directory to write"),
+    version: Optional[str] = typer.Option(None, help="model version in the manifest (default: weights checksum prefix)"),
+    data_dir: Optional[Path] = typer.Option(None, help="override the data folder recorded in the checkpoint"),
+    cache_dir: Optional[Path] = typer.Option(None),
+    device: str = typer.Option("cpu", help="device that computes the item-state table"),
+    overwrite: bool = typer.Option(False, help="replace an existing artifact"),
+) -> None:
+    """Write a serving artifact: weights, config, schema, vocabularies and the item-state table."""
+    from prerank.data.datasets import load_recorded
+    from prerank.data.table import DataError
+    from prerank.serve.artifact import export_artifact
+    from prerank.train.checkpoint import load_checkpoint
+
+    try:
+        model, payload = load_checkpoint(checkpoint)
+        source = payload["extra"].get("data_source") or {}
+        data = load_recorded(source, data_dir, cache_dir)
+        manifest = export_artifact(model.to(device), data, out, version=version, overwrite=overwrite,
+                                   source={**source, "checkpoint": str(checkpoint), "epoch": payload["extra"].get("epoch")})
+    except (DataError, ValueError, FileNotFoundError) as err:
+        _fail(f"{checkpoint}: {err}" if "no data source" in str(err) else str(err))
+    if not manifest["decoupled"]:
+        typer.secho(f"note: {manifest['model']} does not decouple: its item state is raw item features and all work is "
+                    "in score", fg=typer.colors.YELLOW, err=True)
+    if manifest["is_ranker"]:
+        typer.secho(f"note: {manifest['model']} is a ranking model, not a pre-ranker", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"wrote {out}: {manifest['model']} version {manifest['version']}, {manifest['item_count']:,} items, "
+               f"{manifest['bytes_per_item']:,} bytes per item, checksum {manifest['checksum'][:16]}")
+
+
+def serve(
+    artifact: Path = typer.Argument(..., help="an artifact directory written by `prerank export`"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on"),
+    port: int = typer.Option(8000),
+    threads: int = typer.Option(1, help="torch threads per process (0: torch's default)"),
+    device: str = typer.Option("cpu"),
+    verify: bool = typer.Option(True, help="check file checksums against the manifest on start"),
+    max_candidates: int = typer.Option(100_000, help="reject requests with more candidates"),
+    log_level: str = typer.Option("info"),
+    workers: int = typer.Option(1, help="server processes (they share the memory-mapped item-state table)"),
+) -> None:
+    """Serve an artifact over HTTP: POST /v1/prerank, GET /v1/model, GET /healthz, docs at /docs."""
+    from prerank.serve.app import serve as run_server
+    from prerank.serve.artifact import ArtifactError
+
+    try:
+        run_server(str(artifact), host, port, threads or None, device, verify, max_candidates, log_level, workers)
+    except ArtifactError as err:
+        _fail(str(err))
+
+
+def bench_serve(
+    artifact: Path = typer.Argument(..., help="an artifact directory written by `prerank export`"),
+    sizes: str = typer.Option("100,1000,10000", help="candidate counts N, comma-separated"),
+    threads: int = typer.Option(1, help="torch threads"),
+    device: str = typer.Option("cpu"),
+    repeats: int = typer.Option(300, help="timed requests per N"),
+    warmup: int = typer.Option(30, help="untimed requests per N first"),
+    k: int = typer.Option(100, help="top-k returned"),
+    reference: Optional[Path] = typer.Option(None, help="a Two-Tower artifact for relative storage (default: a "
+                                             "default-config Two-Tower on the same schema)"),
+    out: Path = typer.Option(RESULTS, help="folder for MODEL.bench.json/.md and the README.md summary"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Latency of one request (user and candidate stage, p50/p99) at each N; storage per item; parameters."""
+    from prerank.serve.artifact import ArtifactError
+    from prerank.serve.bench import bench_markdown, bench_serve as run_bench, write_bench
+
+    try:
+        n_values = tuple(int(n) for n in sizes.split(","))
+        result = run_bench(artifact, n_values, threads, device, repeats, warmup, k, reference, seed)
+    except (ArtifactError, ValueError) as err:
+        _fail(str(err))
+    json_path, md_path = write_bench(result, out)
+    typer.echo(bench_markdown(result))
+    typer.echo(f"wrote {json_path} and {md_path}")
+
+
+def load_test(
+    artifact: Path = typer.Argument(..., help="the artifact to serve (and to draw requests from)"),
+    url: Optional[str] = typer.Option(None, help="a running service on 127.0.0.1 (default: start one here)"),
+    requests: int = typer.Option(2000, help="requests to send, after the warm-up"),
+    concurrency: int = typer.Option(8, help="requests in flight at once"),
+    candidates: int = typer.Option(1000, help="candidates per request"),
+    k: int = typer.Option(100),
+    threads: int = typer.Option(1, help="torch threads of the server it starts"),
+    warmup: int = typer.Option(20, help="untimed requests first"),
+    max_seconds: float = typer.Option(600.0, help="stop issuing requests after this long"),
+    out: Path = typer.Option(RESULTS, help="folder for MODEL.load.json/.md and the README.md summary"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Bounded load test of POST /v1/prerank on 127.0.0.1: throughput, latency percentiles, non-2xx count."""
+    from prerank.serve.artifact import ArtifactError
+    from prerank.serve.loadtest import load_markdown, load_test as run_load, write_load
+
+    try:
+        result = run_load(artifact, url, requests, concurrency, candidates, k, threads, warmup, max_seconds=max_seconds, seed=seed)
+    except (ArtifactError, ValueError, RuntimeError) as err:
+        _fail(str(err))
+    json_path, md_path = write_load(result, out)
+    typer.echo(load_markdown(result))
+    typer.echo(f"wrote {json_path} and {md_path}")
+    if result["status_5xx"]:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(export)
+    app.command()(serve)
+    app.command("bench-serve")(bench_serve)
+    app.command("load-test")(load_test)
+

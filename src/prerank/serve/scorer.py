@@ -1,0 +1,263 @@
+"""The online scorer: raw user features and raw candidate ids in, scores and top-k raw ids out.
+
+One request runs `encode_user` once (B = 1) and one vectorised `score` over all N candidates,
+whose item states are gathered from the artifact's item-state table. It uses only the model
+contract, so every registered model is served by the same code.
+
+Raw values become indices with the artifact's vocabularies exactly as the data pipeline encoded
+them for training: an unknown or missing (null) categorical value is the out-of-vocabulary index
+(the pipeline maps values unseen in train, and missing values, to OOV); bags keep their first
+`max_len` values, right-padded; the behaviour sequence is oldest first, keeps its last `max_len`
+items and is left-padded. Dense features are taken as the model's input scale (the pipeline
+min-max scales them; the artifact does not re-derive that scaling), null is 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from prerank.data.schema import FIRST_KNOWN_INDEX, OOV_INDEX, PAD_INDEX, Feature, Kind
+from prerank.models.base import State, gather_items
+from prerank.serve.artifact import Artifact, ArtifactError, load_artifact
+
+OnUnknown = Literal["error", "skip"]
+
+
+class RequestError(ValueError):
+    """A request the scorer cannot answer: the message names the feature or ids at fault."""
+
+
+class UnknownItemsError(RequestError):
+    def __init__(self, ids: list, shown: int = 20) -> None:
+        self.ids = ids
+        listed = ", ".join(map(repr, ids[:shown])) + (f" … ({len(ids) - shown} more)" if len(ids) > shown else "")
+        super().__init__(f"{len(ids)} candidate id(s) not in the item catalogue: {listed}")
+
+
+class ValueIndex:
+    """Raw value -> index. A value also matches by its string form, so JSON clients may send the
+    id 7 as 7 or "7" whatever type the vocabulary holds."""
+
+    def __init__(self, values: Sequence, offset: int = 0) -> None:
+        self.lookup: dict = {}
+        for position, value in enumerate(values):
+            self.lookup.setdefault(value, position + offset)
+            self.lookup.setdefault(str(value), position + offset)
+
+    def get(self, value) -> int | None:
+        try:
+            found = self.lookup.get(value)
+        except TypeError:  # unhashable (a list or an object): no id can match it
+            return None
+        return found if found is not None or isinstance(value, str) else self.lookup.get(str(value))
+
+
+class ItemIndex(ValueIndex):
+    """Raw item id -> catalogue row; integer catalogues also take a vectorised path (searchsorted)."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        super().__init__(ids.tolist())
+        self.sorted_ids: np.ndarray | None = None
+        if ids.dtype.kind in "iu":
+            self.order = np.argsort(ids, kind="stable")
+            self.sorted_ids = ids[self.order]
+
+    def rows(self, ids: Sequence) -> np.ndarray:
+        """Catalogue row per id, -1 where unknown."""
+        if self.sorted_ids is not None and len(self.sorted_ids):
+            array = np.asarray(ids) if len(ids) else np.zeros(0, dtype=np.int64)
+            if array.dtype.kind in "iu" and array.ndim == 1:
+                at = np.searchsorted(self.sorted_ids, array).clip(max=len(self.sorted_ids) - 1)
+                return np.where(self.sorted_ids[at] == array, self.order[at], -1)
+        return np.fromiter((-1 if (r := self.get(i)) is None else r for i in ids), dtype=np.int64, count=len(ids))
+
+
+@dataclass
+class ScoreResult:
+    item_ids: list  # raw ids, in the order of `scores`
+    scores: np.ndarray  # the model's logits (higher ranks first)
+    unknown: list = field(default_factory=list)  # candidate ids skipped as not in the catalogue
+
+
+class Scorer:
+    def __init__(self, artifact: Artifact) -> None:
+        self.artifact = artifact
+        self.model = artifact.model
+        self.schema = artifact.schema
+        self.device = next(iter(artifact.item_table.values())).device
+        self.items = ItemIndex(artifact.item_ids)
+        self.sequence = self.schema.sequence_feature
+        self.user_features = self.schema.user_features
+        missing = sorted({f.vocab for f in self.user_features if f.is_id} - set(artifact.vocabs))
+        if missing:
+            raise ArtifactError(f"{artifact.path / 'vocabs.json'}: lacks the vocabularies {missing}")
+        self.vocab_index = {f.vocab: ValueIndex(artifact.vocabs[f.vocab], FIRST_KNOWN_INDEX) for f in self.user_features if f.is_id}
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", verify: bool = True) -> Scorer:
+        return cls(load_artifact(path, device=device, verify=verify))
+
+    @property
+    def manifest(self) -> dict:
+        return self.artifact.manifest
+
+    # -- request encoding ---------------------------------------------------------------------
+    def _index(self, feature: Feature, value) -> int:
+        if value is None:
+            return OOV_INDEX
+        if isinstance(value, (list, tuple, dict)):
+            raise RequestError(f"user feature {feature.name!r} takes one value, got {type(value).__name__} {value!r}")
+        found = self.vocab_index[feature.vocab].get(value)
+        return OOV_INDEX if found is None else found
+
+    def _bag(self, feature: Feature, values, keep_last: bool) -> np.ndarray:
+        if values is None:
+            values = []
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise RequestError(f"user feature {feature.name!r} takes a list of values, got {values!r}")
+        values = list(values)
+        values = values[-feature.max_len :] if keep_last else values[: feature.max_len]
+        codes = [self._index(feature, v) for v in values]
+        out = np.full(feature.max_len, PAD_INDEX, dtype=np.int64)
+        if codes:
+            if keep_last:  # sequences: oldest first, left-padded, most recent last
+                out[feature.max_len - len(codes) :] = codes
+            else:  # bags: right-padded, as the pipeline encodes them
+                out[: len(codes)] = codes
+        return out
+
+    def encode_request(self, user_features: Mapping[str, Any], behaviour: Sequence | None = None) -> dict[str, Tensor]:
+        """Raw user/context features (and the raw behaviour sequence) -> model inputs with B = 1."""
+        if not isinstance(user_features, Mapping):
+            raise RequestError(f"user_features must be an object of feature name -> value, got {type(user_features).__name__}")
+        known = {f.name for f in self.user_features}
+        item_side = sorted(set(user_features) & {f.name for f in self.schema.item_features})
+        if item_side:
+            raise RequestError(f"{item_side} are item-side features: they come from the item-state table, not the request")
+        unexpected = sorted(set(user_features) - known)
+        if unexpected:
+            raise RequestError(f"unknown user feature(s) {unexpected}; this model takes {sorted(known)}")
+        if self.sequence is not None and self.sequence.name in user_features and behaviour:
+            raise RequestError(f"the behaviour sequence came twice: as `behaviour` and as feature {self.sequence.name!r}")
+        if behaviour and self.sequence is None:
+            raise RequestError("this model has no behaviour-sequence feature: send an empty behaviour")
+        optional = {self.sequence.name} if self.sequence is not None else set()
+        missing = sorted(known - set(user_features) - optional)
+        if missing:
+            raise RequestError(f"missing user feature(s) {missing} (null means unknown)")
+
+        inputs: dict[str, Tensor] = {}
+        for f in self.user_features:
+            value = user_features.get(f.name)
+            if f is self.sequence and f.name not in user_features:
+                value = behaviour or []
+            if f.kind is Kind.CATEGORICAL:
+                array = np.array([self._index(f, value)], dtype=np.int64)
+            elif f.kind is Kind.SEQUENCE:
+                array = self._bag(f, value, keep_last=True)[None, :]
+            elif f.kind is Kind.MULTI_CATEGORICAL:
+                array = self._bag(f, value, keep_last=False)[None, :]
+            else:
+                try:
+                    array = np.array([0.0 if value is None else float(value)], dtype=np.float32)
+                except (TypeError, ValueError):
+                    raise RequestError(f"dense user feature {f.name!r} takes a number, got {value!r}") from None
+                if not np.isfinite(array).all():
+                    raise RequestError(f"dense user feature {f.name!r} is not finite: {value!r}")
+            inputs[f.name] = torch.from_numpy(array).to(self.device)
+        return inputs
+
+    def candidate_rows(self, candidate_ids: Sequence, on_unknown: OnUnknown = "error") -> tuple[np.ndarray, list]:
+        """Catalogue rows of the known candidates, and the unknown ids (raises on them unless skipping)."""
+        if on_unknown not in ("error", "skip"):
+            raise RequestError(f"on_unknown must be 'error' or 'skip', got {on_unknown!r}")
+        if isinstance(candidate_ids, (str, bytes)) or not isinstance(candidate_ids, (Sequence, np.ndarray)):
+            raise RequestError(f"candidate ids must be a list, got {type(candidate_ids).__name__}")
+        rows = self.items.rows(candidate_ids)
+        unknown_at = np.flatnonzero(rows < 0)
+        if len(unknown_at) == 0:
+            return rows, []
+        unknown = [candidate_ids[i] for i in unknown_at]
+        unknown = [u.item() if hasattr(u, "item") else u for u in unknown]
+        if on_unknown == "error":
+            raise UnknownItemsError(unknown)
+        return rows[rows >= 0], unknown
+
+    # -- the two online stages ----------------------------------------------------------------
+    @torch.inference_mode()
+    def user_state(self, user_features: Mapping[str, Any], behaviour: Sequence | None = None) -> State:
+        """The per-request stage: encode the raw request and run `encode_user` once."""
+        return self.model.encode_user(self.encode_request(user_features, behaviour))
+
+    @torch.inference_mode()
+    def score_rows(self, user_state: State, rows: np.ndarray) -> Tensor:
+        """The per-candidate stage: gather N item states and one vectorised `score` -> logits [N]."""
+        index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device)
+        return self.model.score(user_state, gather_items(self.artifact.item_table, index[None, :]))[0]
+
+    # -- the API ------------------------------------------------------------------------------
+    def score(
+        self,
+        user_features: Mapping[str, Any],
+        candidate_ids: Sequence,
+        behaviour: Sequence | None = None,
+        on_unknown: OnUnknown = "error",
+    ) -> ScoreResult:
+        """Logits for every known candidate, in request order."""
+        rows, unknown = self.candidate_rows(candidate_ids, on_unknown)
+        state = self.user_state(user_features, behaviour)
+        if len(rows) == 0:
+            return ScoreResult([], np.zeros(0, dtype=np.float32), unknown)
+        logits = self.score_rows(state, rows)
+        return ScoreResult(self.artifact.item_ids[rows].tolist(), logits.float().cpu().numpy(), unknown)
+
+    def topk(
+        self,
+        user_features: Mapping[str, Any],
+        candidate_ids: Sequence,
+        k: int,
+        behaviour: Sequence | None = None,
+        on_unknown: OnUnknown = "error",
+    ) -> ScoreResult:
+        """The k best candidates, best first."""
+        if k < 1:
+            raise RequestError(f"k must be >= 1, got {k}")
+        rows, unknown = self.candidate_rows(candidate_ids, on_unknown)
+        state = self.user_state(user_features, behaviour)
+        if len(rows) == 0:
+            return ScoreResult([], np.zeros(0, dtype=np.float32), unknown)
+        with torch.inference_mode():
+            logits = self.score_rows(state, rows)
+            best = torch.topk(logits, min(k, len(rows)))
+        at = best.indices.cpu().numpy()
+        return ScoreResult(self.artifact.item_ids[rows[at]].tolist(), best.values.float().cpu().numpy(), unknown)
+
+    def info(self) -> dict:
+        m = self.manifest
+        return {
+            "model": m["model"],
+            "version": m["version"],
+            "item_count": m["item_count"],
+            "bytes_per_item": m["bytes_per_item"],
+            "item_state": m["item_state"],
+            "num_parameters": m["num_parameters"],
+            "decoupled": m["decoupled"],
+            "is_ranker": m["is_ranker"],
+            "listwise": m["listwise"],
+            "dataset": m.get("dataset"),
+            "protocol": m.get("protocol"),
+            "checksum": m["checksum"],
+            "device": str(self.device),
+            "user_features": [
+                {"name": f.name, "kind": f.kind.value, "side": f.side.value, **({"max_len": f.max_len} if f.is_bag else {})}
+                for f in self.user_features
+            ],
+            "behaviour_feature": self.sequence.name if self.sequence is not None else None,
+        }

@@ -1,0 +1,270 @@
+"""Export and serving: the artifact, the scorer, the HTTP service, and parity with the training forward pass."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+import prerank
+from prerank.data.schema import FIRST_KNOWN_INDEX, OOV_INDEX, PAD_INDEX, Kind
+from prerank.models import REGISTRY, create_model
+from prerank.serve import ArtifactError, RequestError, Scorer, UnknownItemsError, export_artifact, load_artifact
+from prerank.serve.app import create_app
+from prerank.serve.loadtest import check_loopback
+from prerank.train import Trainer, TrainConfig
+from tests.test_contract import SMALL
+
+MODELS = sorted(REGISTRY)
+UNSEEN = "__never_seen__"
+
+
+def trained(name, data):
+    torch.manual_seed(0)
+    model = create_model(name, data.schema, SMALL.get(name, {}))
+    Trainer(model, TrainConfig(epochs=1, batch_size=256, progress=False)).fit(data.train, data.valid)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def two_tower_artifact(small_data, tmp_path_factory):
+    torch.set_num_threads(1)
+    model = trained("two_tower", small_data)
+    path = tmp_path_factory.mktemp("artifacts") / "two_tower"
+    export_artifact(model, small_data, path)
+    return model, path
+
+
+def raw_value(data, feature, index):
+    """The raw request value that the pipeline would encode as `index`."""
+    if index == OOV_INDEX:
+        return UNSEEN
+    if index == PAD_INDEX:
+        return None
+    return data.vocabs[feature.vocab][index - FIRST_KNOWN_INDEX]
+
+
+def raw_request(data, table, row):
+    """Raw user features and behaviour of sample `row`, decoded back through the vocabularies."""
+    user_features, behaviour = {}, []
+    for f in data.schema.user_features:
+        value = table[f.name][row]
+        if f.kind is Kind.SEQUENCE:
+            behaviour = [raw_value(data, f, int(i)) for i in value if i != PAD_INDEX]
+        elif f.kind is Kind.MULTI_CATEGORICAL:
+            user_features[f.name] = [raw_value(data, f, int(i)) for i in value if i != PAD_INDEX]
+        elif f.kind is Kind.CATEGORICAL:
+            user_features[f.name] = raw_value(data, f, int(value))
+        else:
+            user_features[f.name] = float(value)
+    return user_features, behaviour
+
+
+def forward_logits(model, data, table, row, item_rows):
+    """The training-time forward pass for one user (B = 1) and N catalogue items: logits [N]."""
+    batch = {f.name: torch.as_tensor(table[f.name][row : row + 1]).long() if f.is_id else torch.as_tensor(table[f.name][row : row + 1])
+             for f in data.schema.user_features}
+    for f in data.schema.item_features:
+        column = data.items[f.name][item_rows][None]
+        batch[f.name] = torch.as_tensor(column).long() if f.is_id else torch.as_tensor(column).float()
+    with torch.no_grad():
+        return model(batch).logits[0]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_http_scores_equal_the_training_forward_pass(name, small_data, tmp_path):
+    model = trained(name, small_data)
+    export_artifact(model, small_data, tmp_path / "artifact")
+    client = TestClient(create_app(Scorer.load(tmp_path / "artifact")))
+    rng = np.random.default_rng(0)
+    table = small_data.test
+    for row in (0, 7, 31):
+        item_rows = rng.choice(len(small_data.item_raw_ids), size=25, replace=False)
+        candidates = small_data.item_raw_ids[item_rows].tolist()
+        user_features, behaviour = raw_request(small_data, table, row)
+        response = client.post("/v1/prerank", json={"user_features": user_features, "behaviour": behaviour,
+                                                    "candidates": candidates, "k": 25})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        served = dict(zip(body["items"], body["scores"]))
+        expected = forward_logits(model, small_data, table, row, item_rows)
+        torch.testing.assert_close(torch.tensor([served[c] for c in candidates]), expected, atol=1e-5, rtol=1e-5)
+        assert body["scores"] == sorted(body["scores"], reverse=True) and body["candidates_scored"] == 25
+        top3 = client.post("/v1/prerank", json={"user_features": user_features, "behaviour": behaviour,
+                                                "candidates": candidates, "k": 3}).json()
+        assert top3["items"] == body["items"][:3]
+
+
+def test_artifact_holds_the_catalogue_table_and_a_manifest(two_tower_artifact, small_data):
+    model, path = two_tower_artifact
+    manifest = json.loads((path / "manifest.json").read_text())
+    with torch.no_grad():
+        expected = model.encode_catalogue(small_data.items.to_tensors())
+    assert manifest["model"] == "two_tower" and manifest["item_count"] == len(small_data.item_raw_ids)
+    assert manifest["bytes_per_item"] == sum(t[0].numel() * t.element_size() for t in expected.values())
+    assert manifest["num_parameters"] == model.num_parameters() and len(manifest["checksum"]) == 64
+    assert manifest["version"] == manifest["files"]["weights.pt"][:12]
+    for name, tensor in expected.items():
+        mapped = np.load(path / "items" / "state" / f"{name}.npy", mmap_mode="r")
+        assert isinstance(mapped, np.memmap)
+        np.testing.assert_allclose(mapped, tensor.numpy(), atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(np.load(path / "items" / "ids.npy"), small_data.item_raw_ids)
+    loaded = load_artifact(path)
+    assert not loaded.model.training
+
+
+def test_export_is_atomic_and_refuses_to_overwrite_by_default(two_tower_artifact, small_data, tmp_path):
+    model, _ = two_tower_artifact
+    out = tmp_path / "a"
+    first = export_artifact(model, small_data, out, version="v1")
+    with pytest.raises(ArtifactError, match="already exists"):
+        export_artifact(model, small_data, out)
+    second = export_artifact(model, small_data, out, version="v2", overwrite=True)
+    assert (first["version"], second["version"]) == ("v1", "v2")
+    assert json.loads((out / "manifest.json").read_text())["version"] == "v2"
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary directory left behind
+    other = create_model("two_tower", small_data.schema.__class__(small_data.schema.features[:-1], small_data.schema.item_id,
+                                                                   small_data.schema.user_id), SMALL["two_tower"])
+    with pytest.raises(ArtifactError, match="schema differs"):
+        export_artifact(other, small_data, tmp_path / "b")
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_corrupted_or_missing_artifact_is_a_clear_error(two_tower_artifact, tmp_path):
+    _, path = two_tower_artifact
+    with pytest.raises(ArtifactError, match="not an artifact"):
+        load_artifact(tmp_path)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(path), str(copy)], check=True)
+    table = np.load(copy / "items" / "state" / "vector.npy")
+    table[0, 0] += 1.0
+    np.save(copy / "items" / "state" / "vector.npy", table)
+    with pytest.raises(ArtifactError, match=r"vector\.npy: checksum mismatch"):
+        load_artifact(copy)
+    load_artifact(copy, verify=False)  # an explicit opt-out still loads
+
+
+def test_unknown_candidates_are_an_error_or_skipped_by_option(two_tower_artifact, small_data):
+    _, path = two_tower_artifact
+    scorer = Scorer.load(path)
+    user_features, behaviour = raw_request(small_data, small_data.test, 0)
+    known = small_data.item_raw_ids[:5].tolist()
+    with pytest.raises(UnknownItemsError, match=r"2 candidate id\(s\) not in the item catalogue: 999999, 'x'") as err:
+        scorer.score(user_features, known + [999999, "x"], behaviour)
+    assert err.value.ids == [999999, "x"]
+    skipped = scorer.score(user_features, [999999] + known + ["x"], behaviour, on_unknown="skip")
+    plain = scorer.score(user_features, known, behaviour)
+    assert skipped.unknown == [999999, "x"] and skipped.item_ids == known
+    np.testing.assert_array_equal(skipped.scores, plain.scores)
+    all_unknown = scorer.topk(user_features, ["x"], 3, behaviour, on_unknown="skip")
+    assert all_unknown.item_ids == [] and all_unknown.unknown == ["x"]
+    as_strings = scorer.score(user_features, [str(i) for i in known], behaviour)  # "7" finds item 7
+    np.testing.assert_array_equal(as_strings.scores, plain.scores)
+
+
+def test_request_features_are_checked_and_unseen_values_are_oov(two_tower_artifact, small_data):
+    _, path = two_tower_artifact
+    scorer = Scorer.load(path)
+    user_features, behaviour = raw_request(small_data, small_data.test, 0)
+    candidates = small_data.item_raw_ids[:10].tolist()
+    with pytest.raises(RequestError, match=r"missing user feature\(s\) \['segment'\]"):
+        scorer.score({k: v for k, v in user_features.items() if k != "segment"}, candidates, behaviour)
+    with pytest.raises(RequestError, match=r"unknown user feature\(s\) \['segmnt'\]"):
+        scorer.score({**user_features, "segmnt": 1}, candidates, behaviour)
+    with pytest.raises(RequestError, match="item-side features"):
+        scorer.score({**user_features, "category": 1}, candidates, behaviour)
+    with pytest.raises(RequestError, match="'segment' takes one value"):
+        scorer.score({**user_features, "segment": [1, 2]}, candidates, behaviour)
+    with pytest.raises(RequestError, match="k must be >= 1"):
+        scorer.topk(user_features, candidates, 0, behaviour)
+    # An unseen value and a null both encode as out-of-vocabulary, as the pipeline encodes them.
+    unseen = scorer.encode_request({**user_features, "user_id": "no-such-user"}, behaviour)
+    null = scorer.encode_request({**user_features, "user_id": None}, behaviour)
+    assert unseen["user_id"].item() == null["user_id"].item() == OOV_INDEX
+    # The behaviour sequence keeps its most recent max_len items, left-padded.
+    seq = small_data.schema.sequence_feature
+    long_history = small_data.item_raw_ids[: seq.max_len + 3].tolist()
+    encoded = scorer.encode_request(user_features, long_history)[seq.name][0]
+    expected = [raw for raw in long_history[3:]]
+    assert encoded.tolist() == [scorer.vocab_index[seq.vocab].get(r) or OOV_INDEX for r in expected]
+    short = scorer.encode_request(user_features, long_history[:2])[seq.name][0].tolist()
+    assert short[:-2] == [PAD_INDEX] * (seq.max_len - 2)
+    # The sequence may also come as a user feature under its schema name, but not both ways at once.
+    by_name = scorer.encode_request({**user_features, seq.name: long_history[:2]})[seq.name][0].tolist()
+    assert by_name == short
+    with pytest.raises(RequestError, match="came twice"):
+        scorer.encode_request({**user_features, seq.name: long_history[:2]}, long_history[:2])
+
+
+def test_http_endpoints_and_validation(two_tower_artifact, small_data):
+    _, path = two_tower_artifact
+    client = TestClient(create_app(Scorer.load(path), max_candidates=50))
+    user_features, behaviour = raw_request(small_data, small_data.test, 0)
+    candidates = small_data.item_raw_ids[:10].tolist()
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["item_count"] == len(small_data.item_raw_ids)
+    info = client.get("/v1/model").json()
+    assert info["model"] == "two_tower" and info["behaviour_feature"] == "hist_items" and info["max_candidates"] == 50
+    assert "/v1/prerank" in client.get("/openapi.json").json()["paths"]
+    good = {"user_features": user_features, "behaviour": behaviour, "candidates": candidates, "k": 4}
+    assert client.post("/v1/prerank", json=good).status_code == 200
+    for bad, message in [
+        ({k: v for k, v in good.items() if k != "candidates"}, "candidates"),
+        ({**good, "candidates": []}, "at least 1"),
+        ({**good, "k": 0}, "greater than or equal to 1"),
+        ({**good, "candidates": "1,2"}, "list"),
+        ({**good, "surprise": 1}, "surprise"),
+        ({**good, "on_unknown": "ignore"}, "on_unknown"),
+        ({**good, "user_features": {**user_features, "segmnt": 1}}, "segmnt"),
+        ({**good, "candidates": candidates + [10**9]}, "not in the item catalogue"),
+        ({**good, "candidates": candidates * 6}, "exceed this service's limit of 50"),
+    ]:
+        response = client.post("/v1/prerank", json=bad)
+        assert response.status_code == 422, (bad, response.text)
+        assert message in response.text, (message, response.text)
+    assert client.post("/v1/prerank", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    skipped = client.post("/v1/prerank", json={**good, "candidates": candidates + [10**9], "on_unknown": "skip"}).json()
+    assert skipped["unknown"] == [10**9] and skipped["candidates_scored"] == 10
+
+
+def test_serving_never_imports_the_trainer(two_tower_artifact):
+    _, path = two_tower_artifact
+    code = ("import sys; import prerank.cli; from prerank.serve.app import create_app; from prerank.serve.scorer import Scorer; "
+            f"create_app(Scorer.load({str(path)!r})); "
+            "bad = sorted(m for m in sys.modules if m.startswith('prerank.train')); assert not bad, bad")
+    env = {**os.environ, "PYTHONPATH": str(Path(prerank.__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_load_test_accepts_loopback_only():
+    assert check_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    with pytest.raises(ValueError, match="127.0.0.1 only"):
+        check_loopback("http://example.com:8000")
+
+
+def test_dense_user_features_are_served_at_the_model_scale(tmp_path):
+    """The inttower protocol adds a dense user feature (user mean rating): HTTP still equals forward."""
+    from prerank.data.pipeline import ProtocolConfig
+    from prerank.data.synthetic import load_synthetic
+
+    data = load_synthetic(ProtocolConfig(name="inttower", seq_len=6, embed_dim=8), n_users=80, n_items=40, events_per_user=15, seed=5)
+    assert any(f.kind is Kind.DENSE for f in data.schema.user_features)
+    model = trained("two_tower", data)
+    export_artifact(model, data, tmp_path / "artifact")
+    client = TestClient(create_app(Scorer.load(tmp_path / "artifact")))
+    item_rows = np.arange(len(data.item_raw_ids))
+    for row in (0, 5):
+        user_features, behaviour = raw_request(data, data.test, row)
+        body = client.post("/v1/prerank", json={"user_features": user_features, "behaviour": behaviour,
+                                                "candidates": data.item_raw_ids.tolist(), "k": len(item_rows)}).json()
+        served = dict(zip(body["items"], body["scores"]))
+        expected = forward_logits(model, data, data.test, row, item_rows)
+        torch.testing.assert_close(torch.tensor([served[c] for c in data.item_raw_ids.tolist()]), expected, atol=1e-5, rtol=1e-5)
+    bad = client.post("/v1/prerank", json={"user_features": {**user_features, "user_mean_rating": "high"}, "candidates": [1]})
+    assert bad.status_code == 422 and "user_mean_rating" in bad.text
