@@ -53,6 +53,15 @@ def run_training(
         "model_config": config_to_dict(model.config),
         "history": [h.__dict__ for h in trainer.history],
     }
+    if data.meta.get("ranking_eval"):
+        # Implicit-feedback datasets are judged by top-K over candidate sets (see train/ranking.py).
+        from prerank.train.ranking import ranking_report
+
+        spec = data.meta["ranking_eval"]
+        metrics["test_ranking"] = {
+            str(c): ranking_report(model, data, "test", tuple(spec.get("ks", (10, 20))), c, seed=train_config.seed)
+            for c in spec.get("candidates", ("full",))
+        }
     if data.meta.get("note"):
         metrics["note"] = data.meta["note"]
     if out_dir is not None:
