@@ -58,7 +58,8 @@ class _Strict(BaseModel):
 
 
 class VocabPolicy(_Strict):
-    min_count: int = Field(1, ge=1, description="values seen fewer times in the fitted rows map to OOV")
+    # Rarer values map to OOV; counted over train users/items for user/item attributes, rows for context.
+    min_count: int = Field(1, ge=1)
 
 
 class FeatureConfig(_Strict):

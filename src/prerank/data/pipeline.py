@@ -22,7 +22,8 @@ label-derived features exist:
 Implicit feedback (a log of positives only) gets ``negatives`` sampled negatives per positive:
 items drawn uniformly from the catalogue among those the user never interacted with, each a
 label-0 row with its positive's timestamp, context and split (so a negative never enters a
-behaviour sequence and never moves between splits). Context features whose column is in the log
+behaviour sequence and never moves between splits). A catalogue item drawn as a train negative
+counts as seen in train for the vocabularies (the catalogue is known at training time). Context features whose column is in the log
 are read per row from it; a pre-built behaviour-sequence column in the log can replace the one
 built from the log (`sequence_column`).
 """
@@ -59,7 +60,9 @@ class FeatureSpec:
     column: str = ""  # column in the user or item table; defaults to `name`
     embed_dim: int | None = None  # None: the build's default embedding dim
     max_len: int = 0  # bags: 0 means the longest bag seen
-    min_count: int = 1  # id features: values seen fewer times in the fitted rows map to OOV
+    # Values seen fewer times map to OOV; counted over fitted events for the user/item ids and
+    # context features, over fitted users/items for user/item attributes.
+    min_count: int = 1
 
     def source(self) -> str:
         return self.column or self.name
