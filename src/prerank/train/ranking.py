@@ -5,7 +5,7 @@ the split (relevance = the row's grade where grades are known and positive, else
 grade when an item repeats); the user features are those of the user's earliest positive row
 there, whose behaviour sequence holds only events before it. Scores come from the path a server
 runs: `encode_catalogue` once, `encode_user` once per request, `gather_items` + `score` over the
-candidates.
+candidates (the full catalogue as a broadcast view of the table, equal to gathering every row).
 
 Candidates (`candidates`):
 - ``"full"``: the whole catalogue. With `exclude_seen`, the items of the user's positive rows in
@@ -99,7 +99,6 @@ def ranking_report(
         rel = np.zeros((size, width))
         mask = np.ones((size, width), dtype=bool)
         if full:
-            rows = np.broadcast_to(np.arange(n_items), (size, n_items))
             for b in range(size):
                 i = start + b
                 rel[b, relevant[i]] = relevance[i]
@@ -114,8 +113,12 @@ def ranking_report(
                 mask[b, r : width - n_sampled] = False
                 rows[b, width - n_sampled :] = _draw_unseen(rng, n_items, touched.get(int(users[i]), set()), n_sampled)
         user_state = model.encode_user({k: v[start:stop] for k, v in user_tensors.items()})
-        candidate_rows = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
-        scores = model.score(user_state, gather_items(catalogue_state, candidate_rows)).cpu().numpy()
+        if full:
+            # What gather_items gives for rows arange(M), as a broadcast view instead of B copies of the table.
+            item_state = {k: v.unsqueeze(0).expand(size, *v.shape) for k, v in catalogue_state.items()}
+        else:
+            item_state = gather_items(catalogue_state, torch.from_numpy(np.ascontiguousarray(rows)).to(device))
+        scores = model.score(user_state, item_state).cpu().numpy()
         for k in ks:
             sums[f"recall@{k}"] += recall_at_k(scores, rel, k, mask) * size
             sums[f"ndcg@{k}"] += ndcg_at_k(scores, rel, k, mask) * size
