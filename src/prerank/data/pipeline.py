@@ -23,9 +23,10 @@ Implicit feedback (a log of positives only) gets ``negatives`` sampled negatives
 items drawn uniformly from the catalogue among those the user never interacted with, each a
 label-0 row with its positive's timestamp, context and split (so a negative never enters a
 behaviour sequence and never moves between splits). A catalogue item drawn as a train negative
-counts as seen in train for the vocabularies (the catalogue is known at training time). Context features whose column is in the log
-are read per row from it; a pre-built behaviour-sequence column in the log can replace the one
-built from the log (`sequence_column`).
+counts as seen in train for the vocabularies (the catalogue is known at training time).
+
+Context features whose column is in the log are read per row from it; a pre-built
+behaviour-sequence column in the log can replace the one built from the log (`sequence_column`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class ProtocolConfig:
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     seq_len: int = 50  # 0: no behaviour-sequence feature
-    seed: int = 2022  # the inttower protocol's random split
+    seed: int = 2022  # the inttower protocol's random split and the negative draw
     embed_dim: int = 32
     # Sampled negatives per positive (implicit feedback). None: the dataset's default (0 for
     # explicit logs); the draw is seeded by `seed`.
