@@ -15,11 +15,9 @@ from prerank.data.schema import OOV_INDEX
 from prerank.data.table import GRADE, ITEM_ROW, LABEL, DataError
 from prerank.data.taobao import load_taobao_ad, load_taobao_userbehavior
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-for candidate in (Path(__file__).resolve().parents[1] / ".." / "shared" / "data", Path("/work/shared/data")):
-    if candidate.exists():
-        SHARED = candidate
-        break
+# CI keeps ../shared/data beside the repository; the development machines keep /work/shared/data.
+_CANDIDATES = [Path(__file__).resolve().parents[1].parent / "shared" / "data", Path("/work/shared/data")]
+SHARED = next((c for c in _CANDIDATES if c.exists()), _CANDIDATES[0])
 
 SMALL = dict(seq_len=4, embed_dim=4)
 
