@@ -12,7 +12,7 @@ from prerank.cli import app
 from prerank.data.owndata import check_own_data, load_own_data
 from prerank.data.pipeline import ProtocolConfig
 from prerank.data.schema import OOV_INDEX
-from prerank.data.table import LABEL, DataError
+from prerank.data.table import DataError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own-data"
 runner = CliRunner()
