@@ -14,8 +14,10 @@ from prerank.data.datasets import DATASETS, default_cache_dir, load_dataset, loa
 from prerank.data.pipeline import PROTOCOLS, ProtocolConfig
 from prerank.data.table import DataError
 from prerank.serve.commands import register as register_serving
+from prerank.data_cli import data_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-ranking models for cascade recommender systems.")
+app.add_typer(data_app, name="data")
 
 ML1M_HINT = (
     "prerank train --dataset ml-1m --data-dir ../shared/data/ml-1m "
@@ -45,9 +47,10 @@ def train(
     dataset: str = typer.Option("ml-1m", help=f"one of {DATASETS}"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (ML-1M: users.dat, movies.dat, ratings)"),
     ratings_file: Optional[str] = typer.Option(None, help="ratings file, relative to --data-dir or absolute"),
-    protocol: str = typer.Option("temporal", help="temporal (leakage-free) or inttower (paper protocol, leaks labels)"),
+    protocol: str = typer.Option("temporal", help="temporal (leakage-free), leave_last_out, or inttower (paper protocol, leaks labels)"),
     seq_len: int = typer.Option(50, help="behaviour sequence length; 0 drops the feature"),
     embed_dim: int = typer.Option(32, help="embedding dim of every id feature"),
+    negatives: Optional[int] = typer.Option(None, help="sampled negatives per positive (implicit data default 4)"),
     epochs: int = typer.Option(10),
     batch_size: int = typer.Option(2048),
     lr: float = typer.Option(1e-3),
@@ -65,7 +68,7 @@ def train(
     from prerank.train.trainer import TrainConfig
 
     try:
-        protocol_config = ProtocolConfig(name=protocol, seq_len=seq_len, embed_dim=embed_dim)
+        protocol_config = ProtocolConfig(name=protocol, seq_len=seq_len, embed_dim=embed_dim, negatives=negatives)
         train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
                                    device=device, num_threads=threads, progress=progress)
         source = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "ratings_file": ratings_file,
@@ -81,6 +84,8 @@ def train(
         f"{metrics['model']} on {metrics['dataset_label']} [{metrics['protocol']}]: test AUC {test['auc']:.4f}  "
         f"GAUC {test['gauc']:.4f}  logloss {test['logloss']:.4f}  ({metrics['seconds_per_epoch']:.1f} s/epoch)"
     )
+    for report in metrics.get("test_ranking", {}).values():
+        typer.echo(f"  test top-K over {report['candidates']}: " + "  ".join(f"{k} {v:.4f}" for k, v in report.items() if "@" in k))
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'checkpoint.pt'}")
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from prerank.data.pipeline import ProtocolConfig
 from prerank.data.table import PreparedData
 
-DATASETS = ("ml-1m", "synthetic", "synthetic-ml1m-scale")
+DATASETS = ("ml-1m", "synthetic", "synthetic-ml1m-scale", "amazon-beauty", "amazon-electronics", "taobao-userbehavior",
+            "taobao-ad", "PATH.yaml (your own data)")
 # Generated data with the shape of the full MovieLens-1M release (6,040 users, 3,706 rated movies,
 # about 1M events): for memory and speed measurements at full scale where the real file is absent.
 ML1M_SCALE = {"n_users": 6040, "n_items": 3706, "events_per_user": 166}
@@ -40,7 +41,24 @@ def load_dataset(
         from prerank.data.synthetic import load_synthetic
 
         return load_synthetic(protocol or ProtocolConfig(), seed=seed, **ML1M_SCALE)
+    if str(name).endswith((".yaml", ".yml")):
+        from prerank.data.owndata import load_own_data
+
+        return load_own_data(name, protocol, cache_dir)
+    public = _public_loaders()
+    if name in public:
+        if data_dir is None:
+            raise ValueError(f"dataset {name!r} needs --data-dir (the folder with its files; see README)")
+        return public[name](data_dir, protocol, cache_dir)
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+
+
+def _public_loaders() -> dict:
+    from prerank.data.amazon import load_amazon_beauty, load_din_csv
+    from prerank.data.taobao import load_taobao_ad, load_taobao_userbehavior
+
+    return {"amazon-beauty": load_amazon_beauty, "amazon-electronics": load_din_csv,
+            "taobao-userbehavior": load_taobao_userbehavior, "taobao-ad": load_taobao_ad}
 
 
 def load_recorded(source: dict, data_dir: str | Path | None = None, cache_dir: str | Path | None = None) -> PreparedData:

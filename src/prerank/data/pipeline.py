@@ -15,6 +15,18 @@ label-derived features exist:
   features, user and item mean of the binary label, computed *on each split from its own labels*
   (so every evaluated row's features contain its own label). **This leaks labels into features**;
   it exists only to reproduce the published numbers.
+- ``leave_last_out`` (sequential recommendation, e.g. S3-Rec on Amazon Beauty): each user's last
+  event is test, the one before it validation, the rest train (users with fewer than 3 events stay
+  in train). Vocabularies and statistics from train rows only, as under ``temporal``.
+
+Implicit feedback (a log of positives only) gets ``negatives`` sampled negatives per positive:
+items drawn uniformly from the catalogue among those the user never interacted with, each a
+label-0 row with its positive's timestamp, context and split (so a negative never enters a
+behaviour sequence and never moves between splits). A catalogue item drawn as a train negative
+counts as seen in train for the vocabularies (the catalogue is known at training time).
+
+Context features whose column is in the log are read per row from it; a pre-built
+behaviour-sequence column in the log can replace the one built from the log (`sequence_column`).
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import pandas as pd
 from prerank.data.schema import FIRST_KNOWN_INDEX, OOV_INDEX, PAD_INDEX, Feature, Kind, Schema, Side
 from prerank.data.table import GRADE, ITEM_ROW, LABEL, TIMESTAMP, PreparedData, SampleTable
 
-PROTOCOLS = ("temporal", "inttower")
+PROTOCOLS = ("temporal", "inttower", "leave_last_out")
 LEAKAGE_NOTE = (
     "protocol 'inttower' reproduces the IntTower official preprocessing, whose mean-rating features "
     "are computed from the labels of the split they are used in: it leaks labels and exists only for "
@@ -49,6 +61,9 @@ class FeatureSpec:
     column: str = ""  # column in the user or item table; defaults to `name`
     embed_dim: int | None = None  # None: the build's default embedding dim
     max_len: int = 0  # bags: 0 means the longest bag seen
+    # Values seen fewer times map to OOV; counted over fitted events for the user/item ids and
+    # context features, over fitted users/items for user/item attributes.
+    min_count: int = 1
 
     def source(self) -> str:
         return self.column or self.name
@@ -56,12 +71,15 @@ class FeatureSpec:
 
 @dataclass(frozen=True)
 class ProtocolConfig:
-    name: Literal["temporal", "inttower"] = "temporal"
+    name: Literal["temporal", "inttower", "leave_last_out"] = "temporal"
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     seq_len: int = 50  # 0: no behaviour-sequence feature
-    seed: int = 2022  # the inttower protocol's random split
+    seed: int = 2022  # the inttower protocol's random split and the negative draw
     embed_dim: int = 32
+    # Sampled negatives per positive (implicit feedback). None: the dataset's default (0 for
+    # explicit logs); the draw is seeded by `seed`.
+    negatives: int | None = None
 
     def __post_init__(self) -> None:
         if self.name not in PROTOCOLS:
@@ -70,6 +88,8 @@ class ProtocolConfig:
             raise ValueError("valid_fraction and test_fraction must lie in (0, 1)")
         if self.seq_len < 0:
             raise ValueError("seq_len must be >= 0")
+        if self.negatives is not None and self.negatives < 0:
+            raise ValueError("negatives must be >= 0")
 
 
 @dataclass
@@ -80,8 +100,12 @@ class Vocab:
         self._lookup = pd.Index(self.values)
 
     @classmethod
-    def fit(cls, values) -> Vocab:
-        uniq = pd.unique(pd.Series(values).dropna())
+    def fit(cls, values, min_count: int = 1) -> Vocab:
+        series = pd.Series(values).dropna()
+        if min_count > 1:
+            counts = series.value_counts()
+            series = pd.Series(counts.index[counts.to_numpy() >= min_count])
+        uniq = pd.unique(series)
         try:
             uniq = np.sort(uniq)
         except TypeError:
@@ -110,6 +134,61 @@ def split_temporal(user: np.ndarray, valid_fraction: float, test_fraction: float
     split[position >= per_row_count - n_test - n_valid] = 1
     split[position >= per_row_count - n_test] = 2
     return split
+
+
+def split_leave_last_out(user: np.ndarray) -> np.ndarray:
+    """Rows sorted by (user, time): each user's last row test, the one before valid, the rest train."""
+    starts = np.r_[0, np.flatnonzero(user[1:] != user[:-1]) + 1]
+    counts = np.diff(np.r_[starts, len(user)])
+    from_end = np.repeat(starts + counts, counts) - np.arange(len(user))  # 1 for a user's last row
+    eligible = np.repeat(counts, counts) >= 3
+    split = np.zeros(len(user), dtype=np.int8)
+    split[eligible & (from_end == 2)] = 1
+    split[eligible & (from_end == 1)] = 2
+    return split
+
+
+def sample_negatives(log: pd.DataFrame, split: np.ndarray, catalogue: pd.Index, per_positive: int, seed: int
+                     ) -> tuple[pd.DataFrame, np.ndarray]:
+    """Append `per_positive` label-0 rows per positive row of `log` (sorted by user, time).
+
+    Each negative copies its positive's row (user, timestamp, context, split) with an item drawn
+    uniformly from `catalogue` among those the user has no logged event with; a draw that hits
+    one is redrawn. Users who interacted with the whole catalogue get no negatives.
+    """
+    rng = np.random.default_rng(seed)
+    n_items = len(catalogue)
+    user_code = pd.factorize(log[USER])[0].astype(np.int64)
+    item_code = catalogue.get_indexer(log[ITEM]).astype(np.int64)
+    seen = np.unique(user_code * n_items + item_code)
+    source = np.repeat(np.flatnonzero(log[LABEL].to_numpy() > 0), per_positive)
+    drawn = rng.integers(0, n_items, size=len(source))
+    clash = np.isin(user_code[source] * n_items + drawn, seen)
+    for _ in range(100):
+        if not clash.any():
+            break
+        drawn[clash] = rng.integers(0, n_items, size=int(clash.sum()))
+        clash = np.isin(user_code[source] * n_items + drawn, seen)
+    source, drawn = source[~clash], drawn[~clash]
+    negatives = log.iloc[source].copy()
+    negatives[ITEM] = catalogue.to_numpy()[drawn]
+    negatives[LABEL] = 0.0
+    if GRADE in negatives.columns:
+        negatives[GRADE] = 0
+    combined = pd.concat([log, negatives], ignore_index=True)
+    combined_split = np.r_[split, split[source]]
+    order = np.lexsort((combined[TIMESTAMP].to_numpy(), user_code[np.r_[np.arange(len(log)), source]]))
+    return combined.iloc[order].reset_index(drop=True), combined_split[order]
+
+
+def encode_sequences(lists: pd.Series, vocab: Vocab, max_len: int) -> np.ndarray:
+    """Pre-built sequences of raw ids (oldest first): the last `max_len`, left-padded."""
+    out = np.full((len(lists), max_len), PAD_INDEX, dtype=np.int32)
+    for row, values in enumerate(lists):
+        if isinstance(values, (list, tuple, np.ndarray)) and len(values):
+            codes = vocab.encode(list(values)[-max_len:])
+            out[row, max_len - len(codes):] = codes
+    return out
 
 
 def split_inttower(n: int, seed: int) -> np.ndarray:
@@ -174,10 +253,13 @@ def build_samples(
     dataset: str,
     sequence_name: str = "hist_items",
     meta: dict | None = None,
+    sequence_column: str | None = None,
 ) -> PreparedData:
     """`log` has columns user, item, timestamp, label (0/1) and optionally grade; `users` and
     `items` are indexed by the raw ids. The first user-side spec must be the user id and the
-    first item-side spec the item id (both categorical, the raw id itself)."""
+    first item-side spec the item id (both categorical, the raw id itself). Context specs whose
+    column is in `log` are read per row from it. `sequence_column`: a log column of raw item-id
+    lists (oldest first) used as the behaviour sequence instead of building it from the log."""
     for col in (USER, ITEM, TIMESTAMP, LABEL):
         if col not in log.columns:
             raise ValueError(f"interaction log lacks column {col!r}")
@@ -191,9 +273,18 @@ def build_samples(
         has_positive = log.groupby(USER)[LABEL].transform("max") > 0
         log = log[has_positive].reset_index(drop=True)
         split = split_inttower(len(log), protocol.seed)
+    elif protocol.name == "leave_last_out":
+        split = split_leave_last_out(log[USER].to_numpy())
     else:
         split = split_temporal(log[USER].to_numpy(), protocol.valid_fraction, protocol.test_fraction)
-    fit_rows = split == 0 if protocol.name == "temporal" else np.ones(len(log), dtype=bool)
+    for key, table in ((ITEM, items), (USER, users)):
+        missing = ~log[key].isin(table.index)
+        if missing.any():
+            raise ValueError(f"{int(missing.sum())} log rows name a {key} missing from the {key} table, "
+                             f"e.g. {log[key][missing].iloc[0]!r}")
+    if protocol.negatives:
+        log, split = sample_negatives(log, split, items.index, protocol.negatives, protocol.seed)
+    fit_rows = split == 0 if protocol.name != "inttower" else np.ones(len(log), dtype=bool)
 
     item_row = items.index.get_indexer(log[ITEM])
     user_row = users.index.get_indexer(log[USER])
@@ -206,19 +297,21 @@ def build_samples(
     catalogue: dict[str, np.ndarray] = {}
     for spec in features:
         table, seen, rows = (items, seen_items, item_row) if spec.side is Side.ITEM else (users, seen_users, user_row)
+        if spec.side is Side.CONTEXT and spec.source() in log.columns:
+            table, seen, rows = log, log[fit_rows], np.arange(len(log))
         dim = spec.embed_dim or protocol.embed_dim
         if spec is user_id_spec or spec is item_id_spec:
             raw = seen.index.to_numpy()
-            vocabs[spec.name] = Vocab.fit(raw)
+            vocabs[spec.name] = Vocab.fit(raw) if spec.min_count <= 1 else Vocab.fit(table.index[rows[fit_rows]], spec.min_count)
             encoded = vocabs[spec.name].encode(table.index.to_numpy())
             schema_features.append(Feature(spec.name, spec.side, Kind.CATEGORICAL, len(vocabs[spec.name]), dim))
         elif spec.kind is Kind.CATEGORICAL:
-            vocabs[spec.name] = Vocab.fit(seen[spec.source()])
+            vocabs[spec.name] = Vocab.fit(seen[spec.source()], spec.min_count)
             encoded = vocabs[spec.name].encode(table[spec.source()].to_numpy())
             schema_features.append(Feature(spec.name, spec.side, spec.kind, len(vocabs[spec.name]), dim))
         elif spec.kind is Kind.MULTI_CATEGORICAL:
             bags = table[spec.source()]
-            vocabs[spec.name] = Vocab.fit([v for bag in seen[spec.source()] for v in bag])
+            vocabs[spec.name] = Vocab.fit([v for bag in seen[spec.source()] for v in bag], spec.min_count)
             max_len = spec.max_len or max(1, int(bags.map(len).max()))
             encoded = _encode_bag(bags, vocabs[spec.name], max_len)
             schema_features.append(Feature(spec.name, spec.side, spec.kind, len(vocabs[spec.name]), dim, max_len))
@@ -234,13 +327,16 @@ def build_samples(
 
     item_id_feature = schema_features[[f.name for f in schema_features].index(item_id_spec.name)]
     if protocol.seq_len > 0:
-        columns[sequence_name] = behaviour_sequences(
-            log[USER].to_numpy(),
-            log[TIMESTAMP].to_numpy(),
-            log[LABEL].to_numpy() > 0,
-            columns[item_id_spec.name],
-            protocol.seq_len,
-        )
+        if sequence_column is not None:
+            columns[sequence_name] = encode_sequences(log[sequence_column], vocabs[item_id_spec.name], protocol.seq_len)
+        else:
+            columns[sequence_name] = behaviour_sequences(
+                log[USER].to_numpy(),
+                log[TIMESTAMP].to_numpy(),
+                log[LABEL].to_numpy() > 0,
+                columns[item_id_spec.name],
+                protocol.seq_len,
+            )
         schema_features.append(
             Feature(
                 sequence_name,
@@ -296,3 +392,19 @@ def build_samples(
         vocabs={name: [v.item() if hasattr(v, "item") else v for v in vocab.values] for name, vocab in vocabs.items()},
         meta=all_meta,
     )
+
+
+IMPLICIT_NEGATIVES = 4  # sampled negatives per positive when an implicit dataset's config leaves it unset
+RANKING_EVAL = {"ks": [10, 20], "candidates": ["full", 100]}  # top-K evaluation of implicit datasets
+
+
+def implicit_protocol(protocol: ProtocolConfig | None, dataset: str) -> ProtocolConfig:
+    """The protocol for a positives-only log: `negatives` resolved, and at least one."""
+    from dataclasses import replace
+
+    protocol = protocol or ProtocolConfig()
+    if protocol.negatives is None:
+        return replace(protocol, negatives=IMPLICIT_NEGATIVES)
+    if protocol.negatives < 1:
+        raise ValueError(f"dataset {dataset!r} has implicit feedback (positives only): it needs negatives >= 1")
+    return protocol

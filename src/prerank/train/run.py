@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prerank.data.table import PreparedData
 from prerank.models.base import PreRankModel, config_to_dict, create_model
-from prerank.train.trainer import Trainer, TrainConfig, evaluate
+from prerank.train.trainer import Trainer, TrainConfig, evaluate, seed_everything
 
 
 def write_json_atomic(path: Path, payload) -> None:
@@ -43,6 +43,7 @@ def train_and_evaluate(
     data_source: dict | None = None,
 ) -> tuple[dict, PreRankModel]:
     """`run_training` that also returns the trained model (best epoch)."""
+    seed_everything(train_config.seed)  # the initial weights too, not only the batches, follow the seed
     model = create_model(model_name, data.schema, model_overrides)
     trainer = Trainer(model, train_config)
     extra = {"data_source": data_source or {}, "data_meta": data.meta, "train_config": train_config.__dict__}
@@ -65,6 +66,15 @@ def train_and_evaluate(
         "model_config": config_to_dict(model.config),
         "history": [h.__dict__ for h in trainer.history],
     }
+    if data.meta.get("ranking_eval"):
+        # Implicit-feedback datasets are judged by top-K over candidate sets (see train/ranking.py).
+        from prerank.train.ranking import ranking_report
+
+        spec = data.meta["ranking_eval"]
+        metrics["test_ranking"] = {
+            str(c): ranking_report(model, data, "test", tuple(spec.get("ks", (10, 20))), c, seed=train_config.seed)
+            for c in spec.get("candidates", ("full",))
+        }
     if data.meta.get("note"):
         metrics["note"] = data.meta["note"]
     if out_dir is not None:

@@ -1,0 +1,165 @@
+"""Own data described by YAML: validation errors, the summary, and training on the shipped example."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from prerank.cli import app
+from prerank.data.owndata import check_own_data, load_own_data
+from prerank.data.pipeline import ProtocolConfig
+from prerank.data.schema import OOV_INDEX
+from prerank.data.table import DataError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own-data"
+runner = CliRunner()
+SMALL = dict(seq_len=4, embed_dim=4)
+
+
+def write_own(folder: Path, log: pd.DataFrame, yaml_text: str, users=None, items=None, parquet=False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = "parquet" if parquet else "csv"
+    for name, frame in (("log", log), ("users", users), ("items", items)):
+        if frame is not None:
+            if parquet:
+                frame.to_parquet(folder / f"{name}.{suffix}", index=False)
+            else:
+                frame.to_csv(folder / f"{name}.{suffix}", index=False)
+    (folder / "d.yaml").write_text(yaml_text.replace("SUFFIX", suffix))
+    return folder / "d.yaml"
+
+
+def toy_log(n_users=6, events=6):
+    rows = [{"u": f"u{u}", "i": f"i{(u + e) % 7}", "t": 1000 + 10 * e, "y": int((u + e) % 3 == 0), "dev": "ab"[e % 2],
+             "hist": "|".join(f"i{k}" for k in range(e % 3))} for u in range(n_users) for e in range(events)]
+    return pd.DataFrame(rows)
+
+
+BASE = """
+files: {log: log.SUFFIX, users: users.SUFFIX, items: items.SUFFIX}
+columns: {user_id: u, item_id: i, timestamp: t, label: y}
+features:
+  - {name: age, side: user, kind: categorical}
+  - {name: dev, side: context, kind: categorical}
+  - {name: brand, side: item, kind: categorical}
+  - {name: price, side: item, kind: dense}
+"""
+
+
+def toy_tables():
+    users = pd.DataFrame({"u": [f"u{u}" for u in range(6)], "age": [20, 30, 40, 20, 30, 40]})
+    items = pd.DataFrame({"i": [f"i{k}" for k in range(7)], "brand": list("aabbccd"), "price": np.arange(7) * 1.5})
+    return users, items
+
+
+@pytest.mark.parametrize("parquet", [False, True])
+def test_own_data_csv_and_parquet_build_the_described_schema(tmp_path, parquet):
+    users, items = toy_tables()
+    path = write_own(tmp_path, toy_log(), BASE, users, items, parquet=parquet)
+    data = load_own_data(path, ProtocolConfig(**SMALL))
+    assert [f.name for f in data.schema.user_features] == ["user_id", "age", "dev", "hist_items"]
+    assert [f.name for f in data.schema.item_features] == ["item_id", "brand", "price"]
+    assert data.schema["dev"].side.value == "context"
+    assert sum(len(t) for t in data.splits.values()) == 36
+    summary = check_own_data(path)
+    assert (summary["rows"], summary["users"], summary["items"], summary["positives"]) == (36, 6, 7, 12)
+
+
+def test_sequence_column_and_inttower_protocol(tmp_path):
+    users, items = toy_tables()
+    yaml_text = BASE + "sequence: {source: column, column: hist, separator: '|'}\n"
+    path = write_own(tmp_path, toy_log(), yaml_text, users, items)
+    data = load_own_data(path, ProtocolConfig(name="inttower", **SMALL))
+    assert data.meta["leaks_labels"] and "user_mean_rating" in data.schema
+    lengths = (data.train["hist_items"] != 0).sum(1)
+    assert set(lengths.tolist()) <= {0, 1, 2}
+    assert check_own_data(path)["sequence_lengths"]["max"] == 2
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda log: log.assign(y=log["y"].astype(str).where(log.index != 4, "maybe")),
+     r"log.csv, line 6: label column 'y' must be 0/1.*'maybe'"),
+    (lambda log: log.assign(t=log["t"].astype(str).where(log.index != 2, "soon")),
+     r"log.csv, line 4: column 't' is neither Unix seconds nor a date-time: 'soon'"),
+    (lambda log: log.assign(u=log["u"].where(log.index != 7, None)), r"log.csv, line 9: column 'u' is empty"),
+    (lambda log: log.drop(columns=["dev"]), r"feature 'dev': context column 'dev' is not in log.csv"),
+])
+def test_bad_log_values_name_file_line_and_column(tmp_path, mutate, message):
+    users, items = toy_tables()
+    path = write_own(tmp_path, mutate(toy_log()), BASE, users, items)
+    with pytest.raises(DataError, match=message):
+        check_own_data(path)
+
+
+def test_bad_attribute_tables_and_config(tmp_path):
+    users, items = toy_tables()
+    bad_items = items.assign(price=items["price"].astype(str).where(items.index != 3, "cheap"))
+    path = write_own(tmp_path / "a", toy_log(), BASE, users, bad_items)
+    with pytest.raises(DataError, match=r"items.csv, line 5: column 'price' \(dense feature 'price'\) is not a number: 'cheap'"):
+        check_own_data(path)
+    path = write_own(tmp_path / "b", toy_log(), BASE, pd.concat([users, users.iloc[:1]]), items)
+    with pytest.raises(DataError, match=r"users.csv, line 8: user id 'u0' appears twice"):
+        check_own_data(path)
+    path = write_own(tmp_path / "c", toy_log(), BASE.replace("kind: dense", "kind: densest"), users, items)
+    with pytest.raises(DataError, match=r"d.yaml: features.3.kind: Input should be"):
+        check_own_data(path)
+    path = write_own(tmp_path / "d", toy_log(), BASE.replace("{name: age, side: user, kind: categorical}",
+                                                             "{name: age, side: user, kind: categorical, embed_dim: 3}"),
+                     users, items)
+    with pytest.raises(DataError, match="user/context features must share one embedding dim"):
+        check_own_data(path)
+    # A user feature taken from the log must be constant per user.
+    no_users = BASE.replace("users: users.SUFFIX, ", "")
+    log = toy_log().assign(age=[20 + (r == 9) for r in range(36)])
+    path = write_own(tmp_path / "e", log, no_users, None, items)
+    with pytest.raises(DataError, match=r"log.csv, line 11: column 'age' of user 'u1' is '21' here but '20'"):
+        check_own_data(path)
+
+
+def test_unknown_users_and_rare_values_map_to_oov(tmp_path):
+    users, items = toy_tables()
+    yaml_text = BASE.replace("{name: brand, side: item, kind: categorical}",
+                             "{name: brand, side: item, kind: categorical, vocab: {min_count: 2}}")
+    path = write_own(tmp_path, toy_log(), yaml_text, users.iloc[:4], items)
+    summary = check_own_data(path)
+    assert any("2 users of the log are not in users.csv" in n for n in summary["notes"])
+    data = load_own_data(path, ProtocolConfig(**SMALL))
+    # min_count counts items for an item attribute: brand d has one item.
+    assert data.vocabs["brand"] == ["a", "b", "c"]
+    assert data.items["brand"][list(data.item_raw_ids).index("i6")] == OOV_INDEX
+
+
+def test_shipped_example_checks_and_trains_under_both_protocols(tmp_path):
+    result = runner.invoke(app, ["data", "check", str(EXAMPLE / "dataset.yaml")])
+    assert result.exit_code == 0, result.output
+    log = pd.read_csv(EXAMPLE / "interactions.csv")
+    assert f"rows             {len(log)}" in result.output and f"positives        {int(log['clicked'].sum())}" in result.output
+    assert "context features 1: device" in result.output
+    for protocol in ("temporal", "inttower"):
+        out = tmp_path / protocol
+        result = runner.invoke(app, ["train", "--dataset", str(EXAMPLE / "dataset.yaml"), "--protocol", protocol,
+                                     "--epochs", "1", "--batch-size", "512", "--set", "hidden=[16]", "--no-progress",
+                                     "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "metrics.json").read_text())["protocol"] == protocol
+
+
+def test_implicit_example_trains_with_negatives_and_top_k(tmp_path):
+    out = tmp_path / "implicit"
+    result = runner.invoke(app, ["train", "--dataset", str(EXAMPLE / "implicit.yaml"), "--protocol", "leave_last_out",
+                                 "--epochs", "1", "--batch-size", "512", "--set", "hidden=[16]", "--no-progress",
+                                 "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test_ranking"]) == {"full", "50"}
+    assert 0 <= metrics["test_ranking"]["full"]["recall@10"] <= 1
+    assert metrics["test_ranking"]["full"]["requests"] == 150
+
+
+def test_data_check_reports_errors_without_traceback(tmp_path):
+    (tmp_path / "d.yaml").write_text("files: {log: nowhere.csv}\ncolumns: {user_id: u, item_id: i, timestamp: t}\n")
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "d.yaml")])
+    assert result.exit_code == 2 and "nowhere.csv: file not found" in result.output
