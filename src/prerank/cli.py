@@ -133,6 +133,11 @@ def quickstart(
     typer.echo("\nNext, on MovieLens-1M:\n  " + ML1M_HINT)
 
 
+from prerank.cold_select import cold_select  # noqa: E402
+
+app.command("cold-select")(cold_select)
+
+
 def main() -> None:
     app()
 
