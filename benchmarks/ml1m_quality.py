@@ -54,6 +54,10 @@ PUBLISHED = {
 }
 
 
+# Published ML-1M test log loss, IntTower paper Table 2.
+PUBLISHED_LOGLOSS = {"two_tower": 0.4559, "dat": 0.4556, "cold": 0.3297, "inttower": 0.3128}
+
+
 def resolve(variant: str) -> tuple[str, dict, int | None]:
     return VARIANTS.get(variant, (variant, {}, None))
 
@@ -73,7 +77,9 @@ def summarise(results: list[dict], base: str = "two_tower") -> str:
         impr = "–"
         if base_runs and variant != base:
             impr = f"{rela_impr(aucs.mean(), np.mean([r['test']['auc'] for r in base_runs])):+.2f}%"
-        published = PUBLISHED.get(resolve(variant)[0], {})
+        model = resolve(variant)[0]
+        published = {k: f"{v}" + (f" (log loss {PUBLISHED_LOGLOSS[model]})" if k == "IntTower T2" and model in PUBLISHED_LOGLOSS else "")
+                     for k, v in PUBLISHED.get(model, {}).items()}
         lines.append(
             f"| {variant} | {protocol}{' (leaks labels)' if runs[0]['leaks_labels'] else ''} | {runs[0]['dataset_label']} | "
             f"{len(runs)} | {aucs.mean():.4f} ± {aucs.std():.4f} | "
@@ -98,6 +104,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache-dir", default=str(default_cache_dir()))
     parser.add_argument("--out", required=True)
+    parser.add_argument("--note", default="", help="a paragraph appended to summary.md (e.g. how busy the machine was)")
     parser.add_argument("--summarise-only", action="store_true",
                         help="train nothing: summarise every cell already in OUT/runs (runs with different seed counts)")
     args = parser.parse_args()
@@ -132,7 +139,7 @@ def main() -> None:
             "compare them with our `inttower` rows only. `@paper` variants use the published code's configuration.")
     budgets = sorted({(r.get("max_epochs", "?"), r.get("patience", "?")) for r in results}, key=str)
     note += " Training budget (max epochs, early-stopping patience on validation AUC): " + ", ".join(map(str, budgets)) + "."
-    (out / "summary.md").write_text(f"# ML-1M quality\n\n{summary}\n\n{note}\n")
+    (out / "summary.md").write_text(f"# ML-1M quality\n\n{summary}\n\n{note}\n" + (f"\n{args.note}\n" if args.note else ""))
     print(summary)
 
 
