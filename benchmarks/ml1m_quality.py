@@ -38,9 +38,9 @@ VARIANTS: dict[str, tuple[str, dict, int | None]] = {
     "cold@paper": ("cold", {"hidden": [300, 300, 128], "batch_norm": False, "se": "senet", "cross": "none",
                             "linear_part": True}, 0),
     # The IntTower PyTorch ML-1M script: FE-Block on layer inputs, 32 heads x 64, output bias,
-    # dropout 0.3, Light-SE on both towers, no sequence.
+    # dropout 0.3, Light-SE on both towers, weights drawn from N(0, 1e-4), no sequence.
     "inttower@paper": ("inttower", {"fe_block": "input", "heads": 32, "head_dim": 64, "output_bias": True,
-                                    "dropout": 0.3}, 0),
+                                    "dropout": 0.3, "init_std": 1e-4}, 0),
 }
 
 # Published ML-1M test AUCs (IntTower paper Table 2; FIT paper table). Protocol: IntTower's, which leaks labels.

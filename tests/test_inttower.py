@@ -58,6 +58,7 @@ def test_cir_loss_against_a_hand_computation():
     {"multi_layer": False},
     {"light_se": "user"},
     {"cir_weight": 0.5},
+    {"fe_block": "input", "heads": 8, "init_std": 1e-4},
 ])
 def test_variants_keep_parity_and_train_every_parameter(overrides, small_data, small_batch):
     batch, item_rows = small_batch
@@ -80,3 +81,14 @@ def test_variants_keep_parity_and_train_every_parameter(overrides, small_data, s
     if overrides.get("fe_block") == "input":
         # The PyTorch variant projects layer inputs: the last user layer would be unused, so it is not built.
         assert len(model.user.tower.layers) == len(SMALL["inttower"]["hidden"]) - 1
+
+
+def test_small_init_starts_the_many_head_code_variant_near_zero_logits(small_data, small_batch):
+    batch, _ = small_batch
+    config = {"fe_block": "input", "heads": 32, "head_dim": 64, "hidden": [32, 16]}
+    torch.manual_seed(0)
+    default = create_model("inttower", small_data.schema, config).eval()
+    small = create_model("inttower", small_data.schema, {**config, "init_std": 1e-4}).eval()
+    with torch.no_grad():
+        assert default(batch).logits.abs().mean() > 1.0  # why the code's N(0, 1e-4) init matters
+        assert small(batch).logits.abs().max() < 1e-3

@@ -42,6 +42,10 @@ Readings we chose where the sources are silent or disagree (all config options):
 - `dropout` 0.1 (MindSpore); the PyTorch ML-1M script uses 0.3.
 - `output_bias`: off in MindSpore, on in PyTorch.
 - `multi_layer`: False keeps only the last user layer's heads.
+- `init_std`: the PyTorch code draws every tower and head weight from N(0, 1e-4). With
+  PyTorch's default init, its 32 x 64 heads summed over three layers start with logits in the
+  tens and training diverges, so `inttower@paper` sets 1e-4; the default (4 x 64 heads) keeps
+  PyTorch's init.
 - Embedding L2 (1e-5 x sum of squares under a summed BCE in the PyTorch code) is left out: under
   the trainer's mean BCE it would be ~2000x weaker than there, i.e. negligible.
 - The behaviour sequence (when the protocol provides one) is one more pooled user field; the
@@ -81,6 +85,7 @@ class IntTowerConfig:
     cir_weight: float = 0.0
     cir_temperature: float = 0.07
     embed_init_std: float = 0.01
+    init_std: float | None = None  # None: PyTorch's default init of the linear layers
 
 
 class LightSE(nn.Module):
@@ -155,6 +160,12 @@ class IntTower(PreRankModel):
         self.user_heads = nn.ModuleList(nn.Linear(dims[s], width) for s in self.user_sources)
         self.item_heads = nn.Linear(c.hidden[-1], width)
         self.bias = nn.Parameter(torch.zeros(())) if c.output_bias else None
+        if c.init_std is not None:
+            for module in (self.user.tower, self.item.tower, self.user_heads, self.item_heads):
+                for layer in module.modules():
+                    if isinstance(layer, nn.Linear):
+                        nn.init.normal_(layer.weight, std=c.init_std)
+                        nn.init.zeros_(layer.bias)
 
     def _split_heads(self, x: Tensor) -> Tensor:
         return x.reshape(*x.shape[:-1], self.config.heads, self.config.head_dim)
