@@ -6,7 +6,7 @@
         --out benchmarks/results/ml1m_two_tower
 
 A model name followed by `@paper` runs the configuration of the published tables' code (see
-VARIANTS). Each (variant, protocol, seed) cell is written to OUT/runs/ as it finishes and skipped
+prerank.benchmark.VARIANTS). Each (variant, protocol, seed) cell is written to OUT/runs/ as it finishes and skipped
 when the script is run again, so an interrupted run resumes. Writes OUT/results.json and
 OUT/summary.md (mean ± std over seeds, next to the published ML-1M AUCs).
 """
@@ -22,29 +22,10 @@ import numpy as np
 from prerank.data.datasets import default_cache_dir
 from prerank.data.movielens import load_movielens
 from prerank.data.pipeline import ProtocolConfig
+from prerank.benchmark import PUBLISHED, PUBLISHED_LOGLOSS, resolve_variant as resolve
 from prerank.metrics import rela_impr
 from prerank.train.run import run_training, write_json_atomic
 from prerank.train.trainer import TrainConfig
-
-# name -> (registered model, config overrides, behaviour-sequence length or None for the default)
-VARIANTS: dict[str, tuple[str, dict, int | None]] = {
-    # The IntTower repo's dssm.py: cosine with gamma = 1, and its script feeds no behaviour sequence.
-    "two_tower@paper": ("two_tower", {"temperature": 1.0, "learn_temperature": False}, 0),
-}
-
-# Published ML-1M test AUCs (IntTower paper Table 2; FIT paper table). Protocol: IntTower's, which leaks labels.
-PUBLISHED = {
-    "two_tower": {"IntTower T2": 0.8697, "FIT": 0.8695},
-    "dat": {"IntTower T2": 0.8712, "FIT": 0.8784},
-    "cold": {"IntTower T2": 0.8836, "FIT": 0.9009},
-    "inttower": {"IntTower T2": 0.8974, "FIT": 0.9036},
-    "ranktower": {"FIT": 0.9095},
-    "fit": {"FIT": 0.9225},
-}
-
-
-def resolve(variant: str) -> tuple[str, dict, int | None]:
-    return VARIANTS.get(variant, (variant, {}, None))
 
 
 def summarise(results: list[dict], base: str = "two_tower") -> str:
@@ -62,7 +43,9 @@ def summarise(results: list[dict], base: str = "two_tower") -> str:
         impr = "–"
         if base_runs and variant != base:
             impr = f"{rela_impr(aucs.mean(), np.mean([r['test']['auc'] for r in base_runs])):+.2f}%"
-        published = PUBLISHED.get(resolve(variant)[0], {})
+        model = resolve(variant)[0]
+        published = {k: f"{v}" + (f" (log loss {PUBLISHED_LOGLOSS[model]})" if k == "IntTower T2" and model in PUBLISHED_LOGLOSS else "")
+                     for k, v in PUBLISHED.get(model, {}).items()}
         lines.append(
             f"| {variant} | {protocol}{' (leaks labels)' if runs[0]['leaks_labels'] else ''} | {runs[0]['dataset_label']} | "
             f"{len(runs)} | {aucs.mean():.4f} ± {aucs.std():.4f} | "
@@ -87,11 +70,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache-dir", default=str(default_cache_dir()))
     parser.add_argument("--out", required=True)
+    parser.add_argument("--note", default="", help="a paragraph appended to summary.md (e.g. how busy the machine was)")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="train nothing: summarise every cell already in OUT/runs (runs with different seed counts)")
     args = parser.parse_args()
 
     out = Path(args.out)
     results = []
-    for protocol in args.protocols.split(","):
+    if args.summarise_only:
+        results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    for protocol in [] if args.summarise_only else args.protocols.split(","):
         for variant in args.models.split(","):
             model, overrides, seq_len = resolve(variant)
             protocol_config = ProtocolConfig(name=protocol, **({} if seq_len is None else {"seq_len": seq_len}))
@@ -105,7 +93,8 @@ def main() -> None:
                 config = TrainConfig(epochs=args.epochs, patience=args.patience, seed=seed, batch_size=args.batch_size,
                                      num_threads=args.threads, progress=False)
                 metrics = run_training(data, model, config, overrides)
-                metrics.update(variant=variant, overrides=overrides, seq_len=protocol_config.seq_len)
+                metrics.update(variant=variant, overrides=overrides, seq_len=protocol_config.seq_len,
+                               max_epochs=args.epochs, patience=args.patience)
                 write_json_atomic(cell, metrics)
                 results.append(metrics)
                 print(f"   test AUC {metrics['test']['auc']:.4f}  logloss {metrics['test']['logloss']:.4f}  "
@@ -114,7 +103,9 @@ def main() -> None:
     summary = summarise(results)
     note = ("Published values come from the IntTower code's protocol, whose mean-rating features leak labels; "
             "compare them with our `inttower` rows only. `@paper` variants use the published code's configuration.")
-    (out / "summary.md").write_text(f"# ML-1M quality\n\n{summary}\n\n{note}\n")
+    budgets = sorted({(r.get("max_epochs", "?"), r.get("patience", "?")) for r in results}, key=str)
+    note += " Training budget (max epochs, early-stopping patience on validation AUC): " + ", ".join(map(str, budgets)) + "."
+    (out / "summary.md").write_text(f"# ML-1M quality\n\n{summary}\n\n{note}\n" + (f"\n{args.note}\n" if args.note else ""))
     print(summary)
 
 

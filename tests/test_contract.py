@@ -11,7 +11,12 @@ from prerank.models.base import PreRankModel, gather_items
 
 MODELS = sorted(REGISTRY)
 # Small configs keep the suite fast; each model's defaults are exercised by the CLI tests.
-SMALL = {"two_tower": {"hidden": [32, 16]}}
+SMALL = {
+    "two_tower": {"hidden": [32, 16]},
+    "inttower": {"hidden": [32, 16], "heads": 2, "head_dim": 8},
+    "dat": {"hidden": [32, 16]},
+    "cold": {"hidden": [32, 16]},
+}
 
 
 def build(name, schema, seed=0) -> PreRankModel:

@@ -174,6 +174,10 @@ def benchmark(
 
 register_serving(app)  # export, serve, bench-serve, load-test
 
+from prerank.cold_select import cold_select  # noqa: E402
+
+app.command("cold-select")(cold_select)
+
 
 def main() -> None:
     app()

@@ -17,11 +17,12 @@ class EmbeddingBank(nn.Module):
     sharded implementation (TorchRec) for tables too large for one device changes this class only.
     """
 
-    def __init__(self, schema: Schema, init_std: float = 0.01) -> None:
+    def __init__(self, schema: Schema, init_std: float = 0.01, only: tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.tables = nn.ModuleDict()
+        # `only`: build tables for these features alone (a model that reads a subset of the schema).
         for f in schema.features:
-            if f.is_id and f.vocab not in self.tables:
+            if f.is_id and f.vocab not in self.tables and (only is None or f.name in only):
                 table = nn.Embedding(f.vocab_size, f.embed_dim, padding_idx=PAD_INDEX)
                 nn.init.normal_(table.weight, std=init_std)
                 with torch.no_grad():

@@ -1,0 +1,180 @@
+"""DAT: the Dual Augmented Two-tower model.
+
+Yu, Wang, Feng, Xue, "A Dual Augmented Two-tower Model for Online Large-scale Recommendation",
+DLP-KDD 2021. Spec: `shared/design/models/baselines-and-ranktower.md` §3. Not the IntTower
+repository's `DAT.py`, whose augmented vectors are fresh random tensors on every forward pass.
+
+Towers (Eq. 1), over inputs augmented with a learned vector per user id / item id:
+
+    z_u = [e_u1; ...; e_uF; dense_u; a_u],    z_v = [e_v1; ...; e_vF; dense_v; a_v]
+    h_l = ReLU(W_l h_{l-1} + b_l),  l = 1..L  (256, 128, 32),      p = h_L / |h_L|
+    logit(u, v) = <p_u, p_v> / tau + b
+
+Adaptive-Mimic Mechanism (Eq. 2), sg = stop-gradient, T = rows in the batch:
+
+    loss_u = (1/T) sum y * |a_u - sg(p_v)|^2,      loss_v = (1/T) sum y * |a_v - sg(p_u)|^2
+
+Category Alignment Loss (Eq. 3), per batch, C = unbiased covariance of a category's p_v:
+
+    loss_CA = sum_{i != major} |C(S_major) - C(S_i)|_F^2
+
+with S_major the category with the most rows in the batch; categories with fewer than two rows
+are skipped. Total (Eq. 5): BCE + lambda1 loss_u + lambda2 loss_v + lambda3 loss_CA, with
+lambda1 = lambda2 = 0.5 and lambda3 = 1 as in the paper.
+
+Readings we chose where the paper is silent (config options):
+- `temperature` / `output_bias`: the paper scores sigmoid(<p_u, p_v>) with no scale; with a ReLU
+  last layer the cosine lies in [0, 1] and the probability in [0.5, 0.73]. Our default is a
+  learnable temperature (initial 0.05) and a bias, as for our Two-Tower; `temperature=1,
+  learn_temperature=False` is the IntTower repository's cos x gamma + b with gamma = 1.
+- `last_relu`: the paper applies ReLU to the last layer too (kept by default).
+- "[.]^2" of a vector: squared L2 norm summed over dims, averaged over the T rows.
+- Negatives: the paper samples S random items per positive; our harness trains on the logged
+  labelled rows (ML-1M: explicit negatives), like every other model here.
+- `category_feature`: the item feature used as category. "auto" takes the first item-side
+  categorical or multi-valued feature after the item id (ML-1M: `genres`). `multi_category`
+  says how an item with several values (a movie's genres) maps to categories: "first" (default)
+  counts it in its first-listed value only (ML-1M lists a movie's genres in a fixed order, so
+  this is one primary genre per movie); "each" counts it in every one of its categories.
+  Covariances are over the batch's rows (an item seen in two rows counts twice).
+- The augmented vectors have the tower's output dim (needed to compare a_u with p_v) and train
+  from the main loss through their tower too; only p is stopped in the mimic losses.
+
+Serving: a_v is folded into p_v offline, a_u into p_u once per request; `score` is one dot
+product per candidate. a_u and a_v appear in the states only in training mode (for the mimic
+losses): the item-state table holds p_v alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prerank.data.schema import PAD_INDEX, Kind, Schema, Side
+from prerank.models.base import PreRankModel, State, config_dataclass, register
+from prerank.models.layers import MLP, EmbeddingBank, FieldEncoder
+
+
+@config_dataclass
+class DATConfig:
+    hidden: tuple[int, ...] = (256, 128, 32)
+    activation: str = "relu"
+    batch_norm: bool = False
+    dropout: float = 0.0
+    last_relu: bool = True
+    temperature: float = 0.05
+    learn_temperature: bool = True
+    output_bias: bool = True
+    mimic_user_weight: float = 0.5  # lambda1
+    mimic_item_weight: float = 0.5  # lambda2
+    category_weight: float = 1.0  # lambda3; 0 switches the Category Alignment Loss off
+    category_feature: str = "auto"
+    multi_category: Literal["first", "each"] = "first"
+    embed_init_std: float = 0.01
+
+
+@register
+class DAT(PreRankModel):
+    name = "dat"
+    Config = DATConfig
+
+    def __init__(self, schema: Schema, config: DATConfig) -> None:
+        super().__init__(schema, config)
+        c = config
+        if not c.hidden:
+            raise ValueError("dat: hidden must name at least one layer")
+        dim = c.hidden[-1]
+        self.embeddings = EmbeddingBank(schema, init_std=c.embed_init_std)
+        self.user_fields = FieldEncoder(self.embeddings, schema.user_features)
+        self.item_fields = FieldEncoder(self.embeddings, schema.item_features)
+        self.user_augment = nn.Embedding(schema[schema.user_id].vocab_size, dim, padding_idx=PAD_INDEX)
+        self.item_augment = nn.Embedding(schema[schema.item_id].vocab_size, dim, padding_idx=PAD_INDEX)
+        for table in (self.user_augment, self.item_augment):
+            nn.init.normal_(table.weight, std=c.embed_init_std)
+        mlp = dict(activation=c.activation, batch_norm=c.batch_norm, dropout=c.dropout, output_activation=c.last_relu)
+        self.user_tower = MLP(self.user_fields.flat_dim + dim, tuple(c.hidden), **mlp)
+        self.item_tower = MLP(self.item_fields.flat_dim + dim, tuple(c.hidden), **mlp)
+        self.log_inv_temperature = nn.Parameter(torch.tensor(-math.log(c.temperature)), requires_grad=c.learn_temperature)
+        self.bias = nn.Parameter(torch.zeros(())) if c.output_bias else None
+        self.category_feature = self._category_feature(schema, c) if c.category_weight > 0 else None
+
+    @staticmethod
+    def _category_feature(schema: Schema, c: DATConfig) -> str:
+        if c.category_feature == "auto":
+            for f in schema.item_features:
+                if f.name != schema.item_id and f.kind in (Kind.CATEGORICAL, Kind.MULTI_CATEGORICAL):
+                    return f.name
+            raise ValueError("dat: the schema has no item-side categorical feature for the Category Alignment Loss; "
+                             "set category_weight=0")
+        if c.category_feature not in schema:
+            raise ValueError(f"dat: category_feature {c.category_feature!r} is not in the schema")
+        f = schema[c.category_feature]
+        if f.side is not Side.ITEM or f.kind not in (Kind.CATEGORICAL, Kind.MULTI_CATEGORICAL):
+            raise ValueError(f"dat: category_feature {c.category_feature!r} must be an item-side categorical feature")
+        return f.name
+
+    def _encode(self, fields: FieldEncoder, augment: nn.Embedding, tower: MLP, features: dict[str, Tensor], key: str) -> State:
+        a = augment(features[key])
+        p = F.normalize(tower(torch.cat([fields(features).flat(), a], dim=-1)), dim=-1)
+        return {"vector": p, "augment": a} if self.training else {"vector": p}
+
+    def encode_items(self, items: dict[str, Tensor]) -> State:
+        return self._encode(self.item_fields, self.item_augment, self.item_tower, items, self.schema.item_id)
+
+    def encode_user(self, user: dict[str, Tensor]) -> State:
+        return self._encode(self.user_fields, self.user_augment, self.user_tower, user, self.schema.user_id)
+
+    def score(self, user_state: State, item_state: State) -> Tensor:
+        scale = self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
+        logits = torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"]) * scale
+        return logits + self.bias if self.bias is not None else logits
+
+    def auxiliary_losses(self, batch, user_state, item_state, logits) -> dict[str, Tensor]:
+        if logits.shape[1] != 1:
+            raise ValueError("dat: the mimic and category losses are defined for pointwise batches (one item per row)")
+        c = self.config
+        label = batch[self.schema.label].reshape(-1)
+        p_u, p_v = user_state["vector"], item_state["vector"][:, 0]
+        losses = {
+            "mimic_user": c.mimic_user_weight * mimic_loss(user_state["augment"], p_v, label),
+            "mimic_item": c.mimic_item_weight * mimic_loss(item_state["augment"][:, 0], p_u, label),
+        }
+        if self.category_feature is not None:
+            ids = batch[self.category_feature]
+            ids = ids.reshape(len(label), -1)
+            membership = category_membership(ids, self.schema[self.category_feature].vocab_size, c.multi_category)
+            losses["category_alignment"] = c.category_weight * category_alignment_loss(p_v, membership)
+        return losses
+
+
+def mimic_loss(augment: Tensor, target: Tensor, label: Tensor) -> Tensor:
+    """(1/T) sum_rows y * |a - sg(p)|^2 (Eq. 2): only positive rows pull `augment` towards `target`."""
+    return (label * (augment - target.detach()).pow(2).sum(-1)).mean()
+
+
+def category_membership(ids: Tensor, vocab_size: int, mode: str) -> Tensor:
+    """[B, K] 0/1 membership of each row's item in each category, from category ids [B, L] (0 = padding)."""
+    if mode == "first":
+        ids = ids[:, :1]
+    onehot = torch.zeros(ids.shape[0], vocab_size, device=ids.device)
+    onehot.scatter_(1, ids.long(), 1.0)
+    onehot[:, PAD_INDEX] = 0.0
+    return onehot
+
+
+def category_alignment_loss(vectors: Tensor, membership: Tensor) -> Tensor:
+    """sum over categories i != major of |C(S_major) - C(S_i)|_F^2 (Eq. 3); C unbiased, |S_i| >= 2."""
+    counts = membership.sum(0)
+    kept = counts >= 2
+    if kept.sum() < 2:
+        return vectors.sum() * 0.0
+    membership, counts = membership[:, kept], counts[kept]
+    means = membership.T @ vectors / counts[:, None]  # [K, d]
+    second = torch.einsum("bk,bi,bj->kij", membership, vectors, vectors)
+    cov = (second - counts[:, None, None] * torch.einsum("ki,kj->kij", means, means)) / (counts[:, None, None] - 1)
+    major = int(torch.argmax(counts))
+    return (cov - cov[major]).pow(2).sum((-1, -2)).sum()

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from prerank.data.table import LABEL
+from prerank.models import create_model
+from prerank.models.dat import category_alignment_loss, category_membership, mimic_loss
+from tests.test_contract import SMALL
+
+
+def test_mimic_loss_pulls_only_the_augmented_vector_of_positive_rows():
+    augment = torch.tensor([[1.0, 2.0], [0.0, 1.0], [3.0, -1.0]], requires_grad=True)
+    target = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    label = torch.tensor([1.0, 0.0, 1.0])
+    loss = mimic_loss(augment, target, label)
+    # (1/T) sum y |a - p|^2 = ((0.25 + 2.25) + 0 + (9 + 1)) / 3
+    assert loss.item() == pytest.approx(12.5 / 3)
+    loss.backward()
+    assert target.grad is None or not target.grad.abs().sum() > 0  # stop-gradient on p
+    expected = 2 * label[:, None] * (augment.detach() - target.detach()) / 3
+    torch.testing.assert_close(augment.grad, expected)
+
+
+def test_category_alignment_loss_against_numpy_covariances():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(9, 3))
+    category = np.array([2, 2, 2, 2, 3, 3, 3, 4, 5])  # 5 has one row: skipped; 2 is the major category
+    membership = category_membership(torch.as_tensor(category)[:, None], 6, "first")
+    loss = category_alignment_loss(torch.as_tensor(vectors, dtype=torch.float32), membership)
+    major = np.cov(vectors[category == 2].T)
+    expected = sum(((major - np.cov(vectors[category == c].T)) ** 2).sum() for c in (3, 4) if (category == c).sum() >= 2)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_multi_valued_categories_map_to_the_first_or_to_each():
+    ids = torch.tensor([[3, 5, 0], [4, 0, 0]])
+    first = category_membership(ids, 6, "first")
+    each = category_membership(ids, 6, "each")
+    assert first.tolist() == [[0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0]]
+    assert each.tolist() == [[0, 0, 0, 1, 0, 1], [0, 0, 0, 0, 1, 0]]  # padding 0 is no category
+
+
+def test_augmented_vectors_are_per_id_and_only_in_training_states(small_data, small_batch):
+    batch, _ = small_batch
+    torch.manual_seed(0)
+    model = create_model("dat", small_data.schema, SMALL["dat"])
+    output = model.train()(batch)
+    assert set(output.aux_losses) == {"mimic_user", "mimic_item", "category_alignment"}
+    user_state = model.encode_user(model.user_inputs(batch))
+    torch.testing.assert_close(user_state["augment"], model.user_augment(batch[small_data.schema.user_id]))
+    model.eval()
+    assert set(model.encode_user(model.user_inputs(batch))) == {"vector"}
+    assert set(model.encode_items(model.item_inputs(batch))) == {"vector"}
+    # The main loss alone already trains the augmented vectors through their towers.
+    model.train()
+    model.zero_grad()
+    torch.nn.functional.binary_cross_entropy_with_logits(model(batch).logits.reshape(-1), batch[LABEL]).backward()
+    assert model.user_augment.weight.grad.abs().sum() > 0
+
+
+def test_category_feature_is_checked(small_data):
+    assert create_model("dat", small_data.schema, SMALL["dat"]).category_feature == "category"
+    assert create_model("dat", small_data.schema, {**SMALL["dat"], "category_feature": "tags"}).category_feature == "tags"
+    with pytest.raises(ValueError, match="category_feature 'segment' must be an item-side"):
+        create_model("dat", small_data.schema, {"category_feature": "segment"})
+    with pytest.raises(ValueError, match="'nope' is not in the schema"):
+        create_model("dat", small_data.schema, {"category_feature": "nope"})
+    assert create_model("dat", small_data.schema, {"category_weight": 0.0, "category_feature": "nope"}).category_feature is None
