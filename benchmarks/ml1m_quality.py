@@ -30,6 +30,12 @@ from prerank.train.trainer import TrainConfig
 VARIANTS: dict[str, tuple[str, dict, int | None]] = {
     # The IntTower repo's dssm.py: cosine with gamma = 1, and its script feeds no behaviour sequence.
     "two_tower@paper": ("two_tower", {"temperature": 1.0, "learn_temperature": False}, 0),
+    # FIT's ablations (the paper's: w/o MQM, w/o LSS, w SumMax, w FC) and its meta-size sweep (default N = 16).
+    "fit@no_mqm": ("fit", {"use_mqm": False}, None),
+    "fit@no_lss": ("fit", {"scorer": "dot"}, None),
+    "fit@summax": ("fit", {"scorer": "summax"}, None),
+    "fit@fc": ("fit", {"scorer": "fc"}, None),
+    **{f"fit@n{n}": ("fit", {"num_meta": n}, None) for n in (8, 32, 64)},
 }
 
 # Published ML-1M test AUCs (IntTower paper Table 2; FIT paper table). Protocol: IntTower's, which leaks labels.
@@ -62,7 +68,8 @@ def summarise(results: list[dict], base: str = "two_tower") -> str:
         impr = "–"
         if base_runs and variant != base:
             impr = f"{rela_impr(aucs.mean(), np.mean([r['test']['auc'] for r in base_runs])):+.2f}%"
-        published = PUBLISHED.get(resolve(variant)[0], {})
+        # Published figures belong to the base model and its `@paper` configuration, not to ablations.
+        published = PUBLISHED.get(resolve(variant)[0], {}) if "@" not in variant or variant.endswith("@paper") else {}
         lines.append(
             f"| {variant} | {protocol}{' (leaks labels)' if runs[0]['leaks_labels'] else ''} | {runs[0]['dataset_label']} | "
             f"{len(runs)} | {aucs.mean():.4f} ± {aucs.std():.4f} | "

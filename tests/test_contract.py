@@ -11,7 +11,8 @@ from prerank.models.base import PreRankModel, gather_items
 
 MODELS = sorted(REGISTRY)
 # Small configs keep the suite fast; each model's defaults are exercised by the CLI tests.
-SMALL = {"two_tower": {"hidden": [32, 16]}}
+SMALL = {"two_tower": {"hidden": [32, 16]},
+         "fit": {"hidden": [32, 16], "num_meta": 4, "attention_hidden": [8], "user_heads": 2, "item_heads": 3, "head_dim": 8}}
 
 
 def build(name, schema, seed=0) -> PreRankModel:
