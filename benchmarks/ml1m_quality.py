@@ -44,8 +44,9 @@ def summarise(results: list[dict], base: str = "two_tower") -> str:
         if base_runs and variant != base:
             impr = f"{rela_impr(aucs.mean(), np.mean([r['test']['auc'] for r in base_runs])):+.2f}%"
         model = resolve(variant)[0]
+        # Published figures belong to the base model and its `@paper` configuration, not to ablations.
         published = {k: f"{v}" + (f" (log loss {PUBLISHED_LOGLOSS[model]})" if k == "IntTower T2" and model in PUBLISHED_LOGLOSS else "")
-                     for k, v in PUBLISHED.get(model, {}).items()}
+                     for k, v in PUBLISHED.get(model, {}).items()} if "@" not in variant or variant.endswith("@paper") else {}
         lines.append(
             f"| {variant} | {protocol}{' (leaks labels)' if runs[0]['leaks_labels'] else ''} | {runs[0]['dataset_label']} | "
             f"{len(runs)} | {aucs.mean():.4f} ± {aucs.std():.4f} | "

@@ -16,6 +16,7 @@ SMALL = {
     "inttower": {"hidden": [32, 16], "heads": 2, "head_dim": 8},
     "dat": {"hidden": [32, 16]},
     "cold": {"hidden": [32, 16]},
+    "fit": {"hidden": [32, 16], "num_meta": 4, "attention_hidden": [8], "user_heads": 2, "item_heads": 3, "head_dim": 8},
 }
 
 

@@ -33,3 +33,17 @@ def test_mlp_batch_norm_accepts_extra_leading_dims():
     mlp = MLP(6, (5, 3), batch_norm=True, output_activation=False).eval()
     x = torch.randn(4, 7, 6)
     torch.testing.assert_close(mlp(x), mlp(x.reshape(28, 6)).reshape(4, 7, 3))
+
+
+def test_target_attention_many_queries_equals_expanded_forward():
+    torch.manual_seed(0)
+    keys = torch.randn(3, 6, 4)
+    mask = torch.rand(3, 6) > 0.3
+    for softmax, hidden in ((False, (8, 5)), (True, (8,)), (False, ())):
+        attention = TargetAttention(4, hidden=hidden, softmax=softmax)
+        shared = torch.randn(5, 4)  # the same 5 queries for every row
+        per_row = torch.randn(3, 2, 4)  # 2 queries per row
+        for queries in (shared, per_row):
+            k = queries.shape[-2]
+            expected = attention(queries.expand(3, k, 4), keys.unsqueeze(1).expand(3, k, 6, 4), mask.unsqueeze(1).expand(3, k, 6))
+            torch.testing.assert_close(attention.many_queries(queries, keys, mask), expected, atol=1e-5, rtol=1e-5)

@@ -8,11 +8,9 @@ from prerank.models import REGISTRY, create_model
 from prerank.train import Trainer, TrainConfig, evaluate, load_checkpoint, predict_table, save_checkpoint
 from tests.test_contract import SMALL
 
-
 def train_loss(model, table):
     probabilities = torch.as_tensor(predict_table(model, table))
     return F.binary_cross_entropy(probabilities.double().clamp(1e-7, 1 - 1e-7), torch.as_tensor(table[LABEL]).double()).item()
-
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_one_epoch_lowers_the_loss(name, small_data):
@@ -24,7 +22,6 @@ def test_one_epoch_lowers_the_loss(name, small_data):
     Trainer(model, TrainConfig(epochs=1, batch_size=16, progress=False)).fit(small_data.train, small_data.valid)
     after = train_loss(model, small_data.train)
     assert after < before - 0.01, (before, after)
-
 
 def test_training_is_deterministic_under_a_seed(small_data):
     runs = []
@@ -38,7 +35,6 @@ def test_training_is_deterministic_under_a_seed(small_data):
     for key in runs[0][0]:
         torch.testing.assert_close(runs[0][0][key], runs[1][0][key], atol=0, rtol=0)
 
-
 def test_early_stopping_keeps_the_best_epoch(small_data):
     model = create_model("two_tower", small_data.schema, SMALL["two_tower"])
     trainer = Trainer(model, TrainConfig(epochs=12, batch_size=64, lr=1e-2, patience=1, progress=False))
@@ -48,7 +44,6 @@ def test_early_stopping_keeps_the_best_epoch(small_data):
     assert trainer.best_valid_auc == max(aucs)
     assert evaluate(model, small_data.valid)["auc"] == pytest.approx(max(aucs))
 
-
 def test_checkpoint_round_trip(small_data, tmp_path):
     model = create_model("two_tower", small_data.schema, SMALL["two_tower"])
     Trainer(model, TrainConfig(epochs=1, batch_size=128, progress=False)).fit(small_data.train, small_data.valid)
@@ -57,7 +52,6 @@ def test_checkpoint_round_trip(small_data, tmp_path):
     assert payload["extra"] == {"note": "x"} and payload["model"] == "two_tower"
     np.testing.assert_array_equal(predict_table(model, small_data.test), predict_table(restored, small_data.test))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
-
 
 def test_bad_config_is_a_clear_error(small_data):
     with pytest.raises(ValueError, match="unknown model 'nope'"):

@@ -40,6 +40,12 @@ VARIANTS: dict[str, tuple[str, dict, int | None]] = {
     # dropout 0.3, Light-SE on both towers, weights drawn from N(0, 1e-4), no sequence.
     "inttower@paper": ("inttower", {"fe_block": "input", "heads": 32, "head_dim": 64, "output_bias": True,
                                     "dropout": 0.3, "init_std": 1e-4}, 0),
+    # FIT's ablations (the paper's: w/o MQM, w/o LSS, w SumMax, w FC) and its meta-size sweep (default N = 16).
+    "fit@no_mqm": ("fit", {"use_mqm": False}, None),
+    "fit@no_lss": ("fit", {"scorer": "dot"}, None),
+    "fit@summax": ("fit", {"scorer": "summax"}, None),
+    "fit@fc": ("fit", {"scorer": "fc"}, None),
+    **{f"fit@n{n}": ("fit", {"num_meta": n}, None) for n in (8, 32, 64)},
 }
 
 # Published ML-1M test AUCs (IntTower paper Table 2; FIT paper table). Protocol: IntTower's, which leaks labels.

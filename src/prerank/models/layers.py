@@ -162,3 +162,25 @@ class TargetAttention(nn.Module):
         else:
             weights = weights * mask.to(weights.dtype)
         return (weights.unsqueeze(-1) * keys).sum(-2)
+
+    def many_queries(self, queries: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """K queries per row over one shared sequence: `queries` [K, d] or [B, K, d], `keys` [B, L, d],
+        `mask` [B, L] -> [B, K, d]; equal to `forward` with keys expanded to [B, K, L, d], cheaper.
+
+        The first layer is linear in [q; x; q - x; q * x], so it splits into a per-query term, a
+        per-behaviour term and (q * x) W_p^T = x (W_p diag(q))^T: the [B, K, L, 4d] input is never built."""
+        layers = [*self.score[0].net, self.score[1]]
+        first, rest = layers[0], nn.Sequential(*layers[1:])
+        w_query, w_key, w_diff, w_prod = first.weight.split(keys.shape[-1], dim=1)  # each [h, d]
+        per_query = queries @ (w_query + w_diff).T + first.bias  # [(B,) K, h]
+        per_key = keys @ (w_key - w_diff).T  # [B, L, h]
+        scaled = w_prod * queries.unsqueeze(-2)  # [(B,) K, h, d]
+        spec = "bld,khd->bklh" if queries.dim() == 2 else "bld,bkhd->bklh"
+        hidden = torch.einsum(spec, keys, scaled) + per_key.unsqueeze(1) + per_query.unsqueeze(-2)
+        weights = rest(hidden).squeeze(-1)  # [B, K, L]
+        mask = mask.unsqueeze(1)
+        if self.softmax:
+            weights = weights.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+        else:
+            weights = weights * mask.to(weights.dtype)
+        return torch.einsum("bkl,bld->bkd", weights, keys)

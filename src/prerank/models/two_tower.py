@@ -48,13 +48,15 @@ class TwoTowerConfig:
 class TowerPair(nn.Module):
     """The two MLP towers over one shared embedding bank: reused by models built on a two-tower."""
 
-    def __init__(self, schema: Schema, hidden, activation, batch_norm, dropout, embed_init_std, output_activation=False) -> None:
+    def __init__(self, schema: Schema, hidden, activation, batch_norm, dropout, embed_init_std, output_activation=False,
+                 user_extra_dim: int = 0) -> None:
         super().__init__()
         self.embeddings = EmbeddingBank(schema, init_std=embed_init_std)
         self.user_fields = FieldEncoder(self.embeddings, schema.user_features)
         self.item_fields = FieldEncoder(self.embeddings, schema.item_features)
         mlp = dict(activation=activation, batch_norm=batch_norm, dropout=dropout, output_activation=output_activation)
-        self.user_tower = MLP(self.user_fields.flat_dim, tuple(hidden), **mlp)
+        # `user_extra_dim`: inputs a model appends to the user fields (e.g. FIT's attention output).
+        self.user_tower = MLP(self.user_fields.flat_dim + user_extra_dim, tuple(hidden), **mlp)
         self.item_tower = MLP(self.item_fields.flat_dim, tuple(hidden), **mlp)
 
 
