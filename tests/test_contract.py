@@ -11,7 +11,8 @@ from prerank.models.base import PreRankModel, gather_items
 
 MODELS = sorted(REGISTRY)
 # Small configs keep the suite fast; each model's defaults are exercised by the CLI tests.
-SMALL = {"two_tower": {"hidden": [32, 16]}}
+SMALL = {"two_tower": {"hidden": [32, 16]}, "din": {"hidden": [32, 16], "attention_hidden": [16]},
+         "ranktower": {"heads": 2, "head_dim": 8, "hidden": [16], "attention_heads": 2}}
 
 
 def build(name, schema, seed=0) -> PreRankModel:

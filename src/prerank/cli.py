@@ -133,6 +133,11 @@ def quickstart(
     typer.echo("\nNext, on MovieLens-1M:\n  " + ML1M_HINT)
 
 
+from prerank.cli_cascade import app as cascade_app  # noqa: E402
+
+app.add_typer(cascade_app, name="cascade")
+
+
 def main() -> None:
     app()
 
