@@ -37,3 +37,27 @@ def test_errors_are_messages_not_tracebacks(tmp_path):
 def test_models_lists_the_registry():
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0 and "two_tower" in result.output
+
+
+def test_cascade_build_writes_a_parquet_from_a_trained_teacher(tmp_path):
+    from prerank.cascade import load_cascade
+
+    common = ["--dataset", "synthetic", "--epochs", "1", "--seq-len", "8", "--embed-dim", "8", "--batch-size", "512",
+              "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(app, ["train", "--model", "din", "--set", "hidden=[16]", "--set", "attention_hidden=[8]",
+                                 "--out", str(tmp_path / "din"), *common])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "cascade.parquet"
+    sizes = ["--retrieval-size", "30", "--random-items", "5", "--prerank-size", "10", "--exposure-size", "3", "--window", "10",
+             "--train-requests-per-user", "1", "--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(app, ["cascade", "build", "--teacher", str(tmp_path / "din" / "checkpoint.pt"), "--out", str(out), *sizes])
+    assert result.exit_code == 0, result.output
+    cascade = load_cascade(out)
+    assert cascade.meta["teacher"] == "din" and cascade.meta["config"]["retrieval_size"] == 30
+    assert cascade.summary()["test_requests"] > 0
+    result = runner.invoke(app, ["train", "--model", "two_tower", "--set", "hidden=[8]", "--out", str(tmp_path / "tt"), *common])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["cascade", "build", "--teacher", str(tmp_path / "tt" / "checkpoint.pt"), "--out", str(out), *sizes])
+    assert result.exit_code == 2 and "not a ranker" in result.output
+    result = runner.invoke(app, ["cascade", "build", "--teacher", str(tmp_path / "missing.pt"), "--out", str(out)])
+    assert result.exit_code == 2 and "checkpoint not found" in result.output

@@ -16,6 +16,8 @@ SMALL = {
     "inttower": {"hidden": [32, 16], "heads": 2, "head_dim": 8},
     "dat": {"hidden": [32, 16]},
     "cold": {"hidden": [32, 16]},
+    "din": {"hidden": [32, 16], "attention_hidden": [16]},
+    "ranktower": {"heads": 2, "head_dim": 8, "hidden": [16], "attention_heads": 2},
     "fit": {"hidden": [32, 16], "num_meta": 4, "attention_hidden": [8], "user_heads": 2, "item_heads": 3, "head_dim": 8},
 }
 

@@ -178,6 +178,10 @@ from prerank.cold_select import cold_select  # noqa: E402
 
 app.command("cold-select")(cold_select)
 
+from prerank.cli_cascade import app as cascade_app  # noqa: E402
+
+app.add_typer(cascade_app, name="cascade")
+
 
 def main() -> None:
     app()

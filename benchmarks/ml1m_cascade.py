@@ -1,0 +1,160 @@
+"""Pre-rankers on simulated cascade requests of MovieLens-1M: Recall@K / NDCG@K (K = 10, 50, 100)
+against the real interactions and against the ranking teacher's top-K, beside pointwise test
+AUC / log loss, for each (model, objective) variant.
+
+    python benchmarks/ml1m_cascade.py --data-dir ../shared/data/ml-1m \
+        --ratings-file ratings-partial-users0001-2999/ratings.dat.gz \
+        --teacher runs/din/checkpoint.pt --cascade runs/cascade.parquet \
+        --models two_tower:pointwise,two_tower:hybrid,ranktower:hybrid,ranktower:-distill,ranktower:-fine,ranktower:-coarse \
+        --out benchmarks/results/ml1m_cascade
+
+A variant is MODEL:OBJECTIVE with OBJECTIVE one of `pointwise` (the ordinary BCE trainer on the
+sample table), `hybrid` (the hybrid loss on cascade lists) or `-distill` / `-fine` / `-coarse`
+(the hybrid loss without that term). Any registered model works (e.g. `inttower:hybrid`).
+`--checkpoint two_tower=runs/tt/checkpoint.pt` evaluates an existing pointwise run instead of
+training one. `--teacher` is a `prerank train --model din` checkpoint; `--cascade` is built from it (with the
+default `CascadeConfig`) when the file does not exist. Each variant is written to OUT/runs/ as it
+finishes and skipped when run again. Writes OUT/results.json and OUT/summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from prerank.cascade import CascadeConfig, build_cascade, load_cascade, save_cascade
+from prerank.data.movielens import load_movielens
+from prerank.data.pipeline import ProtocolConfig
+from prerank.models.base import config_to_dict, create_model
+from prerank.train.checkpoint import load_checkpoint
+from prerank.train.listwise import ListwiseTrainer, list_report, score_lists
+from prerank.train.losses import HybridLossConfig
+from prerank.train.run import write_json_atomic
+from prerank.train.trainer import Trainer, TrainConfig, evaluate
+
+ABLATIONS = {"hybrid": {}, "-distill": {"distill_weight": 0.0}, "-fine": {"fine_weight": 0.0}, "-coarse": {"coarse_weight": 0.0}}
+COLUMNS = ["ndcg@10", "ndcg@50", "ndcg@100", "recall@10", "recall@50", "recall@100",
+           "teacher_ndcg@10", "teacher_recall@10", "teacher_recall@50", "teacher_recall@100"]
+
+
+def run_variant(variant: str, data, cascade, args) -> dict:
+    model_name, objective = variant.split(":", 1)
+    if objective != "pointwise" and objective not in ABLATIONS:
+        raise SystemExit(f"unknown objective {objective!r} in {variant!r}; choose pointwise or {sorted(ABLATIONS)}")
+    import torch
+
+    torch.manual_seed(args.seed)
+    if objective == "pointwise" and model_name in args.checkpoints:
+        model, payload = load_checkpoint(Path(args.checkpoints[model_name]))
+        return {"variant": variant, "model": model_name, "objective": objective, "loss_config": None,
+                "checkpoint": args.checkpoints[model_name],
+                "test_lists": list_report(score_lists(model, data, cascade.lists("test")), cascade.lists("test")),
+                "test_pointwise": evaluate(model, data.test), "best_epoch": payload["extra"].get("epoch", 0),
+                "epochs_run": payload["extra"].get("epoch", 0), "seconds_per_epoch": float("nan"),
+                "num_parameters": model.num_parameters(), "model_config": payload["model_config"]}
+    model = create_model(model_name, data.schema)
+    if objective == "pointwise":
+        trainer = Trainer(model, TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed,
+                                             num_threads=args.threads, progress=False))
+        trainer.fit(data.train, data.valid)
+        loss_config = None
+    else:
+        loss_config = HybridLossConfig(**ABLATIONS[objective])
+        trainer = ListwiseTrainer(model, TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed,
+                                                     batch_size=args.list_batch_size, num_threads=args.threads,
+                                                     progress=True), loss_config)
+        trainer.fit_lists(data, cascade.lists("train"), cascade.lists("valid"))
+    return {
+        "variant": variant, "model": model_name, "objective": objective,
+        "loss_config": loss_config.__dict__ if loss_config else None,
+        "test_lists": list_report(score_lists(model, data, cascade.lists("test")), cascade.lists("test")),
+        "test_pointwise": evaluate(model, data.test),
+        "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),
+        "seconds_per_epoch": trainer.seconds_per_epoch, "num_parameters": model.num_parameters(),
+        "model_config": config_to_dict(model.config), "history": [h.__dict__ for h in trainer.history],
+    }
+
+
+def summarise(results: list[dict], meta: dict) -> str:
+    head = "| variant | " + " | ".join(COLUMNS) + " | test AUC | test log loss | epochs | s/epoch |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 5)]
+    for r in results:
+        lists, point = r["test_lists"], r["test_pointwise"]
+        lines.append(f"| {r['variant']} | " + " | ".join(f"{lists[c]:.4f}" for c in COLUMNS)
+                     + f" | {point['auc']:.4f} | {point['logloss']:.4f} | {r['epochs_run']} | {r['seconds_per_epoch']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--ratings-file", default=None)
+    parser.add_argument("--teacher", required=True, help="checkpoint of the ranking teacher (prerank train --model din)")
+    parser.add_argument("--cascade", required=True, help="cascade parquet; built from the teacher if missing")
+    parser.add_argument("--models", default="two_tower:pointwise,two_tower:hybrid,ranktower:hybrid,"
+                                            "ranktower:-distill,ranktower:-fine,ranktower:-coarse")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=PATH",
+                        help="for MODEL:pointwise, evaluate this `prerank train` checkpoint instead of training (repeatable)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--list-batch-size", type=int, default=32, help="requests per listwise batch")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    args.checkpoints = dict(pair.split("=", 1) for pair in args.checkpoint)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher, payload = load_checkpoint(Path(args.teacher))
+    protocol = ProtocolConfig(**payload["extra"]["data_source"]["protocol"])
+    data = load_movielens(args.data_dir, protocol, args.ratings_file, args.cache_dir)
+    cascade_path = Path(args.cascade)
+    if not cascade_path.exists():
+        print(f"building the cascade into {cascade_path}", flush=True)
+        cascade = build_cascade(data, teacher, CascadeConfig(), progress=print)
+        save_cascade(cascade, cascade_path)
+    cascade = load_cascade(cascade_path)
+    out = Path(args.out)
+    results = []
+    teacher_cell = out / "runs" / "teacher.json"
+    if not teacher_cell.exists():
+        test_lists = cascade.lists("test")
+        teacher_result = {"variant": f"{teacher.name} (teacher)", "model": teacher.name, "objective": "pointwise",
+                          "test_lists": list_report(score_lists(teacher, data, test_lists), test_lists),
+                          "test_pointwise": evaluate(teacher, data.test), "epochs_run": payload["extra"].get("epoch", 0),
+                          "seconds_per_epoch": 0.0}
+        write_json_atomic(teacher_cell, teacher_result)
+    results.append(json.loads(teacher_cell.read_text()))
+
+    for variant in args.models.split(","):
+        cell = out / "runs" / f"{variant.replace(':', '__')}.json"
+        if cell.exists():
+            results.append(json.loads(cell.read_text()))
+            continue
+        print(f"== {variant}", flush=True)
+        result = run_variant(variant, data, cascade, args)
+        write_json_atomic(cell, result)
+        results.append(result)
+        print(f"   NDCG@10 {result['test_lists']['ndcg@10']:.4f}  Recall@100 {result['test_lists']['recall@100']:.4f}  "
+              f"teacher Recall@10 {result['test_lists']['teacher_recall@10']:.4f}  AUC {result['test_pointwise']['auc']:.4f}", flush=True)
+    meta = {"dataset_label": data.meta.get("dataset_label"), "cascade": cascade.meta, "cascade_summary": cascade.summary(),
+            "seed": args.seed, "epochs": args.epochs}
+    write_json_atomic(out / "results.json", {"meta": meta, "results": results})
+    label = data.meta.get("dataset_label")
+    text = (f"# Cascade requests, {label}\n\nTest requests of the simulated cascade ({cascade.meta['config']}), "
+            f"teacher `{cascade.meta['teacher']}`, retriever `{cascade.meta['retriever']}`, seed {args.seed}, "
+            f"at most {args.epochs} epochs. Recall/NDCG against the real positive interactions (graded); "
+            f"`teacher_*` against the teacher's top-K of the same list. Pointwise AUC/log loss on the test sample table "
+            f"(listwise-trained models are not calibrated, so their log loss is not comparable).\n\n"
+            f"{summarise(results, meta)}\n")
+    (out / "summary.md").write_text(text)
+    print(summarise(results, meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Training objectives over candidate lists: RankTower's hybrid loss on full-stage samples.
+
+Every loss takes per-request lists `[B, N]`: the student's `logits`, and for each (request, item)
+its furthest cascade `stage` (padding: -1), the teacher's score, the graded `relevance` and a
+validity `mask`. The reconstruction of RankTower's hybrid loss (design notes §6.5, [I]):
+
+    L = w_dis * L_dis + w_fine * L_fine + w_coarse * L_coarse
+
+- distillation on the ranked space (stage >= `distill_min_stage`, the items the ranker scored):
+  listwise KL( softmax(teacher / T) || softmax(logits) ), per request;
+- fine-grained ranking on the exposed space (stage >= `fine_min_stage`) with graded labels:
+  ListNet softmax cross-entropy against the gain distribution (2^rel - 1) / sum(2^rel - 1);
+- coarse-grained stage ordering on all stages: pairwise logistic loss
+  log(1 + exp(-(s_i - s_j))) averaged over the pairs of one request with stage_i > stage_j.
+
+Readings chosen where the sources are silent (all config): ListNet rather than a differentiable-
+sorting NDCG surrogate for the fine term; full pairwise rather than sampled pairs for the coarse
+term; each term is a mean over the requests where it is defined (>= 2 items in its space, a
+positive gain, a stage pair), so a term missing from a batch contributes 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NEG = -1e9  # stands for -inf inside softmaxes (keeps empty rows finite)
+
+
+@dataclass
+class HybridLossConfig:
+    distill_weight: float = 1.0
+    fine_weight: float = 1.0
+    coarse_weight: float = 1.0
+    teacher_temperature: float = 1.0
+    distill_min_stage: int = 2  # the ranked space: passed pre-ranking (or really interacted)
+    fine_min_stage: int = 3  # the exposed space: teacher top-N2 plus the real interactions
+
+    def __post_init__(self) -> None:
+        if min(self.distill_weight, self.fine_weight, self.coarse_weight) < 0:
+            raise ValueError("hybrid loss weights must be >= 0")
+        if self.teacher_temperature <= 0:
+            raise ValueError("teacher_temperature must be > 0")
+
+
+def _mean_over(per_request: Tensor, defined: Tensor) -> Tensor:
+    if not defined.any():
+        return per_request.new_zeros(())
+    return per_request[defined].mean()
+
+
+def distillation_loss(logits: Tensor, teacher: Tensor, space: Tensor, teacher_temperature: float = 1.0) -> Tensor:
+    """Mean over requests of KL(softmax(teacher/T) || softmax(logits)) restricted to `space` [B, N]."""
+    target = F.softmax((teacher / teacher_temperature).masked_fill(~space, NEG), dim=-1)
+    log_student = F.log_softmax(logits.masked_fill(~space, NEG), dim=-1)
+    log_target = torch.log(target.clamp_min(1e-30))
+    per_request = (target * (log_target - log_student)).masked_fill(~space, 0.0).sum(-1)
+    return _mean_over(per_request, space.sum(-1) >= 2)
+
+
+def listnet_loss(logits: Tensor, relevance: Tensor, space: Tensor) -> Tensor:
+    """Mean over requests of the cross-entropy between gains (2^rel - 1, normalised) and softmax(logits)."""
+    gains = (torch.pow(2.0, relevance.float()) - 1.0).masked_fill(~space, 0.0)
+    total = gains.sum(-1, keepdim=True)
+    target = gains / total.clamp_min(1e-12)
+    log_student = F.log_softmax(logits.masked_fill(~space, NEG), dim=-1)
+    per_request = -(target * log_student).masked_fill(~space, 0.0).sum(-1)
+    return _mean_over(per_request, (total.squeeze(-1) > 0) & (space.sum(-1) >= 2))
+
+
+def stage_pairwise_loss(logits: Tensor, stage: Tensor, mask: Tensor) -> Tensor:
+    """Mean over requests of the mean logistic loss over pairs (i, j) with stage_i > stage_j."""
+    pairs = (stage.unsqueeze(-1) > stage.unsqueeze(-2)) & mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    margin = logits.unsqueeze(-1) - logits.unsqueeze(-2)
+    per_pair = F.softplus(-margin).masked_fill(~pairs, 0.0)
+    count = pairs.sum((-1, -2))
+    per_request = per_pair.sum((-1, -2)) / count.clamp_min(1)
+    return _mean_over(per_request, count > 0)
+
+
+def hybrid_loss(logits: Tensor, stage: Tensor, teacher: Tensor, relevance: Tensor, mask: Tensor,
+                config: HybridLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted sum and each weighted term (terms with weight 0 are skipped, not computed)."""
+    if not (logits.shape == stage.shape == teacher.shape == relevance.shape == mask.shape):
+        raise ValueError(f"hybrid loss inputs must share one [B, N] shape: logits {tuple(logits.shape)}, "
+                         f"stage {tuple(stage.shape)}, teacher {tuple(teacher.shape)}, relevance {tuple(relevance.shape)}, "
+                         f"mask {tuple(mask.shape)}")
+    mask = mask.bool()
+    terms: dict[str, Tensor] = {}
+    if config.distill_weight:
+        space = mask & (stage >= config.distill_min_stage)
+        terms["distill"] = config.distill_weight * distillation_loss(logits, teacher, space, config.teacher_temperature)
+    if config.fine_weight:
+        space = mask & (stage >= config.fine_min_stage)
+        terms["fine"] = config.fine_weight * listnet_loss(logits, relevance, space)
+    if config.coarse_weight:
+        terms["coarse"] = config.coarse_weight * stage_pairwise_loss(logits, stage, mask)
+    total = sum(terms.values(), logits.new_zeros(()))
+    return total, terms
