@@ -9,7 +9,8 @@ from pathlib import Path
 
 from prerank.data.table import PreparedData
 from prerank.models.base import config_to_dict, create_model
-from prerank.train.trainer import Trainer, TrainConfig, evaluate
+from prerank.train import distributed
+from prerank.train.trainer import Trainer, TrainConfig, evaluate, seed_everything
 
 
 def write_json_atomic(path: Path, payload) -> None:
@@ -31,6 +32,7 @@ def run_training(
 ) -> dict:
     """Train `model_name` on `data`, evaluate the best epoch on validation and test, and return
     (and, with `out_dir`, write) the metrics. `data_source` records how to reload the data."""
+    seed_everything(train_config.seed)  # the initial weights too follow the seed (and agree across ranks)
     model = create_model(model_name, data.schema, model_overrides)
     trainer = Trainer(model, train_config)
     extra = {"data_source": data_source or {}, "data_meta": data.meta, "train_config": train_config.__dict__}
@@ -55,6 +57,6 @@ def run_training(
     }
     if data.meta.get("note"):
         metrics["note"] = data.meta["note"]
-    if out_dir is not None:
+    if out_dir is not None and distributed.context().is_main:
         write_json_atomic(Path(out_dir) / "metrics.json", metrics)
     return metrics
