@@ -61,6 +61,12 @@ if __name__ == "__main__":
     with distributed.session("cpu"):  # the CLI's own session joins this one's process group
         app(CLI_ARGS + ["--out", str(out / "cli")], standalone_mode=False)
         model, history = train_aux()
-        if distributed.context().is_main:
-            torch.save({"state_dict": model.state_dict(), "history": history, "world_size": distributed.context().world_size},
-                       out / "aux.pt")
+        ctx = distributed.context()
+        norm = torch.nn.BatchNorm1d(2)
+        norm.running_mean.fill_(ctx.rank + 1.0)
+        distributed.broadcast_buffers(norm, ctx)
+        running_mean_sum = norm.running_mean.clone()
+        torch.distributed.all_reduce(running_mean_sum)  # world_size x rank 0's value if broadcast
+        if ctx.is_main:
+            torch.save({"state_dict": model.state_dict(), "history": history, "world_size": ctx.world_size,
+                        "running_mean_sum": running_mean_sum}, out / "aux.pt")

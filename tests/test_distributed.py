@@ -109,3 +109,9 @@ def test_auxiliary_losses_train_the_same_under_ddp(two_process_run):
         assert a["aux_losses"]["user_norm"] == pytest.approx(b["aux_losses"]["user_norm"], rel=1e-4)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(parallel["state_dict"][key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_evaluation_uses_rank_0s_batchnorm_statistics(two_process_run):
+    returncode, log, out = two_process_run
+    assert returncode == 0, log[-3000:]
+    torch.testing.assert_close(torch.load(out / "aux.pt", weights_only=True)["running_mean_sum"], torch.full((2,), 2.0))

@@ -136,6 +136,15 @@ def eval_rows(n: int, ctx: Context) -> np.ndarray:
     return np.arange(bounds[ctx.rank], bounds[ctx.rank + 1])
 
 
+def broadcast_buffers(model: nn.Module, ctx: Context) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP broadcasts them at the
+    start of each training forward, so after the last step each rank holds its own update; without
+    this, ranks would evaluate their shares with slightly different statistics than the checkpoint."""
+    if ctx.enabled:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather_predictions(local: np.ndarray, n: int, ctx: Context, device: torch.device) -> np.ndarray:
     """Concatenate every rank's `local` predictions (rank order = row order, see `eval_rows`)."""
     if not ctx.enabled:

@@ -95,6 +95,7 @@ def predict_gathered(model: PreRankModel, table: SampleTable, batch_size: int = 
     ctx = distributed.context()
     if not ctx.enabled:
         return predict_table(model, table, batch_size, device)
+    distributed.broadcast_buffers(model, ctx)
     local = predict_table(model, table.subset(distributed.eval_rows(len(table), ctx)), batch_size, device)
     return distributed.gather_predictions(local, len(table), ctx, torch.device(device))
 
