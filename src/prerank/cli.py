@@ -15,6 +15,7 @@ from prerank.data.pipeline import PROTOCOLS, ProtocolConfig
 from prerank.data.table import DataError
 from prerank.serve.commands import register as register_serving
 from prerank.data_cli import data_app
+from prerank.train.distributed import context as distributed_context, data_parallel
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-ranking models for cascade recommender systems.")
 app.add_typer(data_app, name="data")
@@ -42,6 +43,7 @@ def _fail(message: str) -> None:
 
 
 @app.command()
+@data_parallel  # under torchrun: joins the process group, trains with DDP, rank 0 writes
 def train(
     model: str = typer.Option("two_tower", help="registered model name (see `prerank models`)"),
     dataset: str = typer.Option("ml-1m", help=f"one of {DATASETS}"),
@@ -79,6 +81,8 @@ def train(
         metrics = run_training(data, model, train_config, parse_overrides(set_), out, source)
     except (DataError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
+    if not distributed_context().is_main:
+        return
     test = metrics["test"]
     typer.echo(
         f"{metrics['model']} on {metrics['dataset_label']} [{metrics['protocol']}]: test AUC {test['auc']:.4f}  "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prerank.data.table import PreparedData
 from prerank.models.base import PreRankModel, config_to_dict, create_model
+from prerank.train import distributed
 from prerank.train.trainer import Trainer, TrainConfig, evaluate, seed_everything
 
 
@@ -43,7 +44,7 @@ def train_and_evaluate(
     data_source: dict | None = None,
 ) -> tuple[dict, PreRankModel]:
     """`run_training` that also returns the trained model (best epoch)."""
-    seed_everything(train_config.seed)  # the initial weights too, not only the batches, follow the seed
+    seed_everything(train_config.seed)  # the initial weights too follow the seed (and agree across ranks)
     model = create_model(model_name, data.schema, model_overrides)
     trainer = Trainer(model, train_config)
     extra = {"data_source": data_source or {}, "data_meta": data.meta, "train_config": train_config.__dict__}
@@ -77,6 +78,6 @@ def train_and_evaluate(
         }
     if data.meta.get("note"):
         metrics["note"] = data.meta["note"]
-    if out_dir is not None:
+    if out_dir is not None and distributed.context().is_main:
         write_json_atomic(Path(out_dir) / "metrics.json", metrics)
     return metrics, model

@@ -2,7 +2,10 @@
 
 Adam over shuffled mini-batches of a tensorised sample table; the loss is the model's pointwise
 BCE plus whatever auxiliary losses its `forward` returns; early stopping on validation AUC with
-the best weights kept; seeded and deterministic on CPU.
+the best weights kept; seeded and deterministic on CPU. Under `torchrun` the same loop runs
+data-parallel (see `prerank.train.distributed`): `batch_size` stays the global batch, each rank
+steps on its shard through DDP, validation predictions are gathered from every rank, and only
+rank 0 writes files and progress.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 from prerank.data.table import LABEL, SampleTable
 from prerank.metrics import auc, pointwise_report
 from prerank.models.base import PreRankModel
+from prerank.train import distributed
 from prerank.train.checkpoint import save_checkpoint
 
 
@@ -72,13 +76,28 @@ def to_device_tensors(table: SampleTable, columns: list[str], device: torch.devi
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def iterate_batches(tensors: dict[str, Tensor], batch_size: int, generator: torch.Generator | None = None):
-    """Mini-batches by index selection on whole-table tensors (no per-row Python work)."""
+def iterate_batches(tensors: dict[str, Tensor], batch_size: int, generator: torch.Generator | None = None,
+                    shard: distributed.Context | None = None):
+    """Mini-batches by index selection on whole-table tensors (no per-row Python work); with
+    `shard`, only that rank's share of the (shuffled) order."""
     n = len(next(iter(tensors.values())))
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for start in range(0, n, batch_size):
+    if shard is not None:
+        order = distributed.shard_order(order, shard)
+    for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size].to(next(iter(tensors.values())).device)
         yield {k: v.index_select(0, rows) for k, v in tensors.items()}
+
+
+def predict_gathered(model: PreRankModel, table: SampleTable, batch_size: int = 16384, device: str | torch.device = "cpu") -> np.ndarray:
+    """`predict_table` split across the ranks of a process group and gathered (every rank gets
+    all rows, in row order); plain `predict_table` without one. Collective: call on every rank."""
+    ctx = distributed.context()
+    if not ctx.enabled:
+        return predict_table(model, table, batch_size, device)
+    distributed.broadcast_buffers(model, ctx)
+    local = predict_table(model, table.subset(distributed.eval_rows(len(table), ctx)), batch_size, device)
+    return distributed.gather_predictions(local, len(table), ctx, torch.device(device))
 
 
 @torch.no_grad()
@@ -93,13 +112,15 @@ def predict_table(model: PreRankModel, table: SampleTable, batch_size: int = 163
 
 
 def evaluate(model: PreRankModel, table: SampleTable, batch_size: int = 16384, device: str | torch.device = "cpu") -> dict:
-    probabilities = predict_table(model, table, batch_size, device)
+    """Metrics on the whole table (under torchrun: predictions gathered from every rank)."""
+    probabilities = predict_gathered(model, table, batch_size, device)
     return pointwise_report(table[LABEL], probabilities, table[model.schema.user_id])
 
 
 class Trainer:
     def __init__(self, model: PreRankModel, config: TrainConfig) -> None:
         self.model = model
+        self.network: torch.nn.Module = model  # what training steps call: DDP over `model` under torchrun
         self.config = config
         self.device = torch.device(config.device)
         self.history: list[EpochLog] = []
@@ -107,7 +128,7 @@ class Trainer:
         self.best_valid_auc = -math.inf
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        output = self.model(batch)
+        output = self.network(batch)
         bce = F.binary_cross_entropy_with_logits(output.logits.reshape(-1), batch[LABEL])
         return bce + sum(output.aux_losses.values(), torch.zeros((), device=bce.device)), output.aux_losses
 
@@ -117,6 +138,10 @@ class Trainer:
             torch.set_num_threads(c.num_threads)
         seed_everything(c.seed)
         self.model.to(self.device)
+        ctx = distributed.context()
+        batch_size = distributed.per_rank_batch_size(c.batch_size, ctx)
+        self.network = distributed.wrap(self.model, self.device, ctx)
+        progress = c.progress and ctx.is_main
         columns = model_columns(self.model) + [LABEL]
         train_tensors = to_device_tensors(train, columns, self.device)
         optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay)
@@ -128,7 +153,7 @@ class Trainer:
             started = time.perf_counter()
             total, count, aux_totals = 0.0, 0, {}
             n_batches = math.ceil(len(train) / c.batch_size)
-            bar = tqdm(iterate_batches(train_tensors, c.batch_size, generator), total=n_batches, disable=not c.progress,
+            bar = tqdm(iterate_batches(train_tensors, batch_size, generator, ctx), total=n_batches, disable=not progress,
                        desc=f"epoch {epoch}/{c.epochs}", leave=False, unit="batch")
             for batch in bar:
                 loss, aux = self.loss(batch)
@@ -142,26 +167,30 @@ class Trainer:
                 count += rows
                 for name, value in aux.items():
                     aux_totals[name] = aux_totals.get(name, 0.0) + value.item() * rows
-                if c.progress:
+                if progress:
                     bar.set_postfix(loss=f"{total / count:.4f}")
             seconds = time.perf_counter() - started
-            valid_auc = auc(valid[LABEL], predict_table(self.model, valid, c.eval_batch_size, self.device))
+            if ctx.enabled:
+                names = sorted(aux_totals)
+                total, count, *sums = distributed.sum_over_ranks([total, count, *(aux_totals[k] for k in names)], ctx, self.device)
+                aux_totals = dict(zip(names, sums))
+            valid_auc = auc(valid[LABEL], predict_gathered(self.model, valid, c.eval_batch_size, self.device))
             log = EpochLog(epoch, total / max(count, 1), valid_auc, seconds, count / seconds,
                            {k: v / max(count, 1) for k, v in aux_totals.items()})
             self.history.append(log)
-            if c.progress:
+            if progress:
                 tqdm.write(f"epoch {epoch}: loss {log.train_loss:.4f}  valid AUC {valid_auc:.4f}  {seconds:.1f}s  {log.rows_per_second:,.0f} rows/s")
             if valid_auc > self.best_valid_auc:
                 self.best_valid_auc, self.best_epoch, stale = valid_auc, epoch, 0
                 best_state = copy.deepcopy(self.model.state_dict())
-                if out_dir is not None:
+                if out_dir is not None and ctx.is_main:
                     save_checkpoint(Path(out_dir) / "checkpoint.pt", self.model, extra={**(checkpoint_extra or {}), "epoch": epoch, "valid_auc": valid_auc})
             else:
                 stale += 1
                 if stale >= c.patience:
                     break
         self.model.load_state_dict(best_state)
-        if out_dir is not None:
+        if out_dir is not None and ctx.is_main:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / "history.json").write_text(json.dumps([asdict(h) for h in self.history], indent=2))
         return self.history
