@@ -113,6 +113,18 @@ def test_parquet_round_trip_and_clear_errors(cascade, tmp_path):
         load_cascade(tmp_path / "missing.parquet")
 
 
+def test_a_cascade_of_other_data_is_refused(small_data, cascade):
+    from dataclasses import replace
+
+    from prerank.data.table import DataError
+    from prerank.train.run import check_cascade_matches
+
+    check_cascade_matches(cascade, small_data)
+    other = replace(cascade, meta={**cascade.meta, "catalogue_items": cascade.meta["catalogue_items"] + 1})
+    with pytest.raises(DataError, match="rebuild it with `prerank cascade build`"):
+        check_cascade_matches(other, small_data)
+
+
 def test_bad_config_and_teacher_are_clear_errors(small_data):
     with pytest.raises(ValueError, match="exposure_size <= prerank_size"):
         CascadeConfig(prerank_size=5, exposure_size=10)

@@ -55,6 +55,15 @@ def test_cascade_build_writes_a_parquet_from_a_trained_teacher(tmp_path):
     cascade = load_cascade(out)
     assert cascade.meta["teacher"] == "din" and cascade.meta["config"]["retrieval_size"] == 30
     assert cascade.summary()["test_requests"] > 0
+    result = runner.invoke(app, ["train", "--model", "ranktower", "--cascade", str(out), "--hybrid", "distill_weight=0.5",
+                                 "--set", "heads=2", "--set", "head_dim=4", "--out", str(tmp_path / "rt"),
+                                 *[a if a != "512" else "16" for a in common]])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "rt" / "metrics.json").read_text())
+    assert metrics["objective"]["hybrid"]["distill_weight"] == 0.5 and 0 <= metrics["test_lists"]["ndcg@10"] <= 1
+    assert "test cascade lists: recall@10" in result.output and (tmp_path / "rt" / "checkpoint.pt").exists()
+    result = runner.invoke(app, ["train", "--cascade", str(out), "--hybrid", "distill=1", "--out", str(tmp_path / "x"), *common])
+    assert result.exit_code == 2 and "unknown key(s) ['distill']" in result.output
     result = runner.invoke(app, ["train", "--model", "two_tower", "--set", "hidden=[8]", "--out", str(tmp_path / "tt"), *common])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["cascade", "build", "--teacher", str(tmp_path / "tt" / "checkpoint.pt"), "--out", str(out), *sizes])

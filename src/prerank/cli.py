@@ -62,10 +62,14 @@ def train(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     set_: list[str] = typer.Option([], "--set", help="model config override key=value (repeatable)"),
     cache_dir: Optional[Path] = typer.Option(None, help="preprocessing cache (default ~/.cache/prerank)"),
+    cascade: Optional[Path] = typer.Option(None, help="cascade parquet (`prerank cascade build`): train on its request lists with the hybrid loss"),
+    hybrid: list[str] = typer.Option([], "--hybrid", help="hybrid-loss override key=value, e.g. distill_weight=0 (with --cascade)"),
     out: Path = typer.Option(Path("runs/latest"), help="output folder: metrics.json, checkpoint.pt, history.json"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
-    """Train one model and write OUT/metrics.json and OUT/checkpoint.pt."""
+    """Train one model and write OUT/metrics.json and OUT/checkpoint.pt.
+
+    With --cascade, --batch-size counts requests (lists), not rows."""
     from prerank.train.run import run_training
     from prerank.train.trainer import TrainConfig
 
@@ -78,7 +82,19 @@ def train(
         data = load_dataset(dataset, data_dir, protocol_config, ratings_file, cache_dir or default_cache_dir())
         if data.meta.get("leaks_labels"):
             typer.secho(f"note: {data.meta['note']}", fg=typer.colors.YELLOW, err=True)
-        metrics = run_training(data, model, train_config, parse_overrides(set_), out, source)
+        lists, loss = None, None
+        if cascade is not None:
+            from prerank.cascade import load_cascade
+            from prerank.train.losses import HybridLossConfig
+
+            loss_overrides = parse_overrides(hybrid)
+            unknown = sorted(set(loss_overrides) - set(HybridLossConfig.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"--hybrid: unknown key(s) {unknown}; known: {sorted(HybridLossConfig.__dataclass_fields__)}")
+            lists, loss = load_cascade(cascade), HybridLossConfig(**loss_overrides)
+        elif hybrid:
+            raise ValueError("--hybrid sets the hybrid loss of --cascade training; give --cascade too")
+        metrics = run_training(data, model, train_config, parse_overrides(set_), out, source, lists, loss)
     except (DataError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     if not distributed_context().is_main:
@@ -90,6 +106,8 @@ def train(
     )
     for report in metrics.get("test_ranking", {}).values():
         typer.echo(f"  test top-K over {report['candidates']}: " + "  ".join(f"{k} {v:.4f}" for k, v in report.items() if "@" in k))
+    if "test_lists" in metrics:
+        typer.echo("  test cascade lists: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics["test_lists"].items() if "@" in k and "teacher" not in k))
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'checkpoint.pt'}")
 
 

@@ -29,6 +29,7 @@ from prerank.cascade import CascadeLists
 from prerank.data.table import PreparedData
 from prerank.metrics import ndcg_at_k, recall_at_k
 from prerank.models.base import PreRankModel, gather_items
+from prerank.train import distributed
 from prerank.train.losses import HybridLossConfig, hybrid_loss
 from prerank.train.trainer import EpochLog, Trainer, TrainConfig, seed_everything
 
@@ -51,10 +52,14 @@ class ListBatches:
     def __len__(self) -> int:
         return len(self.item_rows)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, shard: distributed.Context | None = None):
+        """Batches of `batch_size` requests; with `shard`, this rank's share of the shuffled order
+        (as `iterate_batches` does for sample rows)."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        for start in range(0, n, batch_size):
+        if shard is not None:
+            order = distributed.shard_order(order, shard)
+        for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size].to(self.device)
             item_rows = self.item_rows.index_select(0, rows)
             batch = {k: v.index_select(0, rows) for k, v in self.user.items()}
@@ -114,7 +119,7 @@ class ListwiseTrainer(Trainer):
         self.best_valid_ndcg = -math.inf
 
     def list_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        output = self.model(batch)
+        output = self.network(batch)
         total, terms = hybrid_loss(output.logits, batch["stage"], batch["teacher"], batch["relevance"], batch["mask"], self.loss_config)
         terms = {**terms, **output.aux_losses}
         return total + sum(output.aux_losses.values(), torch.zeros((), device=total.device)), terms
@@ -125,6 +130,10 @@ class ListwiseTrainer(Trainer):
             torch.set_num_threads(c.num_threads)
         seed_everything(c.seed)
         self.model.to(self.device)
+        ctx = distributed.context()
+        batch_size = distributed.per_rank_batch_size(c.batch_size, ctx)
+        self.network = distributed.wrap(self.model, self.device, ctx)
+        progress = c.progress and ctx.is_main
         source = ListBatches(self.model, data, train, self.device)
         optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay)
         generator = torch.Generator().manual_seed(c.seed)
@@ -134,7 +143,7 @@ class ListwiseTrainer(Trainer):
             self.model.train()
             started = time.perf_counter()
             total, count, term_totals = 0.0, 0, {}
-            for batch in source.batches(c.batch_size, generator):
+            for batch in source.batches(batch_size, generator, ctx):
                 loss, terms = self.list_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -147,11 +156,18 @@ class ListwiseTrainer(Trainer):
                 for name, value in terms.items():
                     term_totals[name] = term_totals.get(name, 0.0) + value.item() * requests
             seconds = time.perf_counter() - started
+            if ctx.enabled:
+                names = sorted(term_totals)
+                total, count, *sums = distributed.sum_over_ranks([total, count, *(term_totals[k] for k in names)], ctx, self.device)
+                term_totals = dict(zip(names, sums))
+                distributed.broadcast_buffers(self.model, ctx)
+            # Every rank scores all validation lists (they are few) with identical weights, so
+            # early stopping agrees across ranks without a gather.
             valid_ndcg = evaluate_lists(self.model, data, valid, ks=(10,))["ndcg@10"]
             log = EpochLog(epoch, total / max(count, 1), valid_ndcg, seconds, count / seconds,
                            {k: v / max(count, 1) for k, v in term_totals.items()})
             self.history.append(log)
-            if c.progress:
+            if progress:
                 print(f"epoch {epoch}: loss {log.train_loss:.4f}  valid NDCG@10 {valid_ndcg:.4f}  {seconds:.1f}s", flush=True)
             if valid_ndcg > self.best_valid_ndcg:
                 self.best_valid_ndcg, self.best_epoch, stale = valid_ndcg, epoch, 0
@@ -161,7 +177,7 @@ class ListwiseTrainer(Trainer):
                 if stale >= c.patience:
                     break
         self.model.load_state_dict(best_state)
-        if out_dir is not None:
+        if out_dir is not None and ctx.is_main:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             # EpochLog.valid_auc holds the validation NDCG@10 in listwise runs.
             (Path(out_dir) / "history.json").write_text(json.dumps([asdict(h) for h in self.history], indent=2))

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
-from prerank.data.table import PreparedData
+from prerank.cascade import Cascade
+from prerank.data.table import DataError, PreparedData
 from prerank.models.base import PreRankModel, config_to_dict, create_model
 from prerank.train import distributed
+from prerank.train.checkpoint import save_checkpoint
+from prerank.train.listwise import ListwiseTrainer, evaluate_lists
+from prerank.train.losses import HybridLossConfig
 from prerank.train.trainer import Trainer, TrainConfig, evaluate, seed_everything
 
 
@@ -29,10 +34,25 @@ def run_training(
     model_overrides: dict | None = None,
     out_dir: Path | None = None,
     data_source: dict | None = None,
+    cascade: Cascade | None = None,
+    hybrid: HybridLossConfig | None = None,
 ) -> dict:
     """Train `model_name` on `data`, evaluate the best epoch on validation and test, and return
-    (and, with `out_dir`, write) the metrics. `data_source` records how to reload the data."""
-    return train_and_evaluate(data, model_name, train_config, model_overrides, out_dir, data_source)[0]
+    (and, with `out_dir`, write) the metrics. `data_source` records how to reload the data.
+
+    With a `cascade` (built on the same data by `prerank cascade build`), the model trains on its
+    request lists with the hybrid loss (`hybrid`, see `prerank.train.listwise`), early-stops on
+    validation NDCG@10, and the metrics add the test lists' Recall@K / NDCG@K."""
+    return train_and_evaluate(data, model_name, train_config, model_overrides, out_dir, data_source, cascade, hybrid)[0]
+
+
+def check_cascade_matches(cascade: Cascade, data: PreparedData) -> None:
+    """A cascade indexes the catalogue and the split tables of the data it was built on."""
+    built_on = (cascade.meta.get("dataset"), cascade.meta.get("protocol"), cascade.meta.get("catalogue_items"))
+    here = (data.meta.get("dataset"), data.meta.get("protocol"), len(data.item_raw_ids))
+    if built_on != here:
+        raise DataError(f"the cascade was built on (dataset, protocol, items) = {built_on}, but the training data are {here}; "
+                        "rebuild it with `prerank cascade build` on the same data")
 
 
 def train_and_evaluate(
@@ -42,13 +62,24 @@ def train_and_evaluate(
     model_overrides: dict | None = None,
     out_dir: Path | None = None,
     data_source: dict | None = None,
+    cascade: Cascade | None = None,
+    hybrid: HybridLossConfig | None = None,
 ) -> tuple[dict, PreRankModel]:
     """`run_training` that also returns the trained model (best epoch)."""
     seed_everything(train_config.seed)  # the initial weights too follow the seed (and agree across ranks)
     model = create_model(model_name, data.schema, model_overrides)
-    trainer = Trainer(model, train_config)
     extra = {"data_source": data_source or {}, "data_meta": data.meta, "train_config": train_config.__dict__}
-    trainer.fit(data.train, data.valid, out_dir=out_dir, checkpoint_extra=extra)
+    if cascade is None:
+        trainer = Trainer(model, train_config)
+        trainer.fit(data.train, data.valid, out_dir=out_dir, checkpoint_extra=extra)
+    else:
+        check_cascade_matches(cascade, data)
+        trainer = ListwiseTrainer(model, train_config, hybrid)
+        trainer.fit_lists(data, cascade.lists("train"), cascade.lists("valid"), out_dir=out_dir)
+        if out_dir is not None and distributed.context().is_main:
+            extra.update(epoch=trainer.best_epoch, valid_ndcg10=trainer.best_valid_ndcg, cascade=cascade.meta,
+                         hybrid_loss=asdict(trainer.loss_config))
+            save_checkpoint(Path(out_dir) / "checkpoint.pt", model, extra=extra)
     metrics = {
         "model": model_name,
         "dataset": data.meta.get("dataset"),
@@ -76,6 +107,9 @@ def train_and_evaluate(
             str(c): ranking_report(model, data, "test", tuple(spec.get("ks", (10, 20))), c, seed=train_config.seed)
             for c in spec.get("candidates", ("full",))
         }
+    if cascade is not None:
+        metrics["objective"] = {"hybrid": asdict(trainer.loss_config), "cascade": cascade.meta}
+        metrics["test_lists"] = evaluate_lists(model, data, cascade.lists("test"))
     if data.meta.get("note"):
         metrics["note"] = data.meta["note"]
     if out_dir is not None and distributed.context().is_main:
