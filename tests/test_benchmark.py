@@ -31,3 +31,24 @@ def test_rela_impr_is_against_two_tower():
                                  "serving": {"p50_ms": 1.0, "p99_ms": 2.0}, "item_state_bytes": 8.0, "num_parameters": 1}
     rows = {r["model"]: r for r in aggregate([cell("two_tower", 0.7), cell("x", 0.75), cell("x", 0.75)])}
     assert rows["x"]["rela_impr"] == pytest.approx(25.0) and rows["x"]["seeds"] == 2
+
+
+def test_a_cascade_adds_list_metrics_to_the_quality_table(tmp_path):
+    import torch
+
+    from prerank.cascade import CascadeConfig, build_cascade, save_cascade
+    from prerank.data.datasets import load_dataset
+    from prerank.data.pipeline import ProtocolConfig
+    from prerank.models import create_model
+
+    data = load_dataset("synthetic", None, ProtocolConfig(), None, str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    teacher = create_model("din", data.schema, {"hidden": [8], "attention_hidden": [4]}).eval()
+    save_cascade(build_cascade(data, teacher, CascadeConfig(retrieval_size=20, random_items=5, prerank_size=8, exposure_size=3, window=4)),
+                 tmp_path / "cascade.parquet")
+    config = BenchmarkConfig(dataset="synthetic", models=("two_tower",), seeds=1, epochs=1, batch_size=256, candidates=20,
+                             latency_repeats=3, cache_dir=str(tmp_path / "cache"), cascade=str(tmp_path / "cascade.parquet"))
+    run_benchmark(config, tmp_path / "bench", progress=False)
+    row = json.loads((tmp_path / "bench" / "results.json").read_text())["summary"][0]
+    assert 0 <= row["recall@10"] <= 1 and 0 <= row["ndcg@50"] <= 1
+    assert "| recall@10 | recall@50 | ndcg@10 | ndcg@50 |" in (tmp_path / "bench" / "benchmark.md").read_text()

@@ -62,6 +62,7 @@ PUBLISHED = {
 # Published ML-1M test log loss, IntTower paper Table 2.
 PUBLISHED_LOGLOSS = {"two_tower": 0.4559, "dat": 0.4556, "cold": 0.3297, "inttower": 0.3128}
 BASE = "two_tower"
+LIST_KS = (10, 50)
 
 
 def resolve_variant(variant: str) -> tuple[str, dict, int | None]:
@@ -83,6 +84,7 @@ class BenchmarkConfig:
     candidates: int = 1000
     latency_repeats: int = 200
     cache_dir: str | None = None
+    cascade: str | None = None  # a `prerank cascade build` file of the same data: adds Recall/NDCG@K on its test lists
     extra_overrides: dict = field(default_factory=dict)
 
 
@@ -151,6 +153,14 @@ def run_cell(config: BenchmarkConfig, variant: str, seed: int) -> dict:
     result["serving"] = measure_request_latency(model, item_table, model.user_inputs(first_test_row),
                                                 config.candidates, config.latency_repeats, seed)
     result["item_state_bytes"] = item_state_bytes(item_table)
+    if config.cascade:
+        from prerank.cascade import load_cascade
+        from prerank.train.listwise import evaluate_lists
+        from prerank.train.run import check_cascade_matches
+
+        cascade = load_cascade(Path(config.cascade))
+        check_cascade_matches(cascade, data)
+        result["test_lists"] = evaluate_lists(model, data, cascade.lists("test"), ks=LIST_KS)
     result.update(variant=variant, overrides=overrides, seq_len=protocol.seq_len, is_ranker=type(model).is_ranker,
                   decoupled=type(model).decoupled)
     return result
@@ -211,6 +221,8 @@ def aggregate(results: list[dict]) -> list[dict]:
             "logloss": _mean_std([r["test"]["logloss"] for r in runs])[0],
             "logloss_std": _mean_std([r["test"]["logloss"] for r in runs])[1],
             "gauc": _mean_std([r["test"]["gauc"] for r in runs])[0],
+            **{f"{metric}@{k}": _mean_std([r["test_lists"][f"{metric}@{k}"] for r in runs])[0] if "test_lists" in runs[0] else None
+               for metric in ("recall", "ndcg") for k in LIST_KS},
             "rela_impr": _mean_std(impr)[0] if impr else None,
             "rela_impr_std": _mean_std(impr)[1] if impr else None,
             "seconds_per_epoch": _mean_std([r["seconds_per_epoch"] for r in runs])[0],
@@ -239,7 +251,12 @@ def write_reports(results: list[dict], config: BenchmarkConfig, out: Path) -> No
               f"seeds 1..{config.seeds}. Serving: one request of {config.candidates} candidates on 1 CPU thread.")
     published_note = ("Published AUCs are ML-1M (all users) under the IntTower code's protocol, which leaks labels; "
                       "they compare with rows measured under `--protocol inttower` only.")
-    quality = ["| model | role | seeds | AUC | log loss | GAUC | RelaImpr vs two_tower | published AUC |", "|---|---|---|---|---|---|---|---|"]
+    if config.cascade:
+        published_note += (f" Recall@K / NDCG@K: every model, as trained above (pointwise), ranks the test request lists of the "
+                           f"simulated cascade `{config.cascade}` against the real interactions (graded).")
+    list_columns = [f"{metric}@{k}" for metric in ("recall", "ndcg") for k in LIST_KS] if config.cascade else []
+    quality = ["| model | role | seeds | AUC | log loss | GAUC | RelaImpr vs two_tower | " + "".join(f"{c} | " for c in list_columns)
+               + "published AUC |", "|---|---|---|---|---|---|---|" + "---|" * len(list_columns) + "---|"]
     cost = ["| model | s/epoch | train rows/s | peak RSS (MB) | p50 ms | p99 ms | bytes/item | vs two_tower | parameters |",
             "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
@@ -247,7 +264,8 @@ def write_reports(results: list[dict], config: BenchmarkConfig, out: Path) -> No
         impr = "–" if r["rela_impr"] is None or r["model"] == BASE else f"{r['rela_impr']:+.2f}% ± {r['rela_impr_std']:.2f}"
         published = ", ".join(f"{k} {v}" for k, v in r["published"].items()) or "–"
         quality.append(f"| {r['model']} | {r['role']} | {r['seeds']} | {r['auc']:.4f} ± {r['auc_std']:.4f} | "
-                       f"{r['logloss']:.4f} ± {r['logloss_std']:.4f} | {r['gauc']:.4f} | {impr} | {published} |")
+                       f"{r['logloss']:.4f} ± {r['logloss_std']:.4f} | {r['gauc']:.4f} | {impr} | "
+                       + "".join(f"{fmt(r[c], '.4f')} | " for c in list_columns) + f"{published} |")
         cost.append(f"| {r['model']} | {r['seconds_per_epoch']:.1f} | {r['rows_per_second']:,.0f} | {r['peak_rss_mb']:,.0f} | "
                     f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['bytes_per_item']:.0f} | {fmt(r['storage_vs_two_tower'], '.2f')}× | "
                     f"{r['num_parameters']:,} |")
@@ -256,7 +274,8 @@ def write_reports(results: list[dict], config: BenchmarkConfig, out: Path) -> No
                 + "\n\n![quality vs latency](quality_vs_latency.png)\n\n![training curves](training_curves.png)\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.md").write_text(markdown)
-    for name, columns in (("quality", ["model", "role", "seeds", "auc", "auc_std", "logloss", "logloss_std", "gauc", "rela_impr", "rela_impr_std"]),
+    for name, columns in (("quality", ["model", "role", "seeds", "auc", "auc_std", "logloss", "logloss_std", "gauc", "rela_impr", "rela_impr_std",
+                                       *list_columns]),
                           ("cost", ["model", "seconds_per_epoch", "rows_per_second", "peak_rss_mb", "p50_ms", "p99_ms",
                                     "bytes_per_item", "storage_vs_two_tower", "num_parameters"])):
         with open(out / f"{name}.csv", "w", newline="") as fh:

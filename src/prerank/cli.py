@@ -172,6 +172,7 @@ def benchmark(
     candidates: int = typer.Option(1000, help="candidates per request for the serving latency"),
     cache_dir: Optional[Path] = typer.Option(None),
     quick: bool = typer.Option(False, help="generated data, 2 epochs, 1 seed: a smoke run for CI"),
+    cascade: Optional[Path] = typer.Option(None, help="cascade file of the same data (`prerank cascade build`): adds Recall/NDCG@K on its test requests"),
     out: Path = typer.Option(Path("runs/benchmark")),
     progress: bool = typer.Option(True),
 ) -> None:
@@ -185,6 +186,7 @@ def benchmark(
         models=tuple(m.strip() for m in models.split(",") if m.strip()), seeds=seeds, epochs=epochs, patience=patience,
         batch_size=batch_size if not quick else 256, threads=threads, candidates=candidates,
         latency_repeats=30 if quick else 200, cache_dir=str(cache_dir or default_cache_dir()),
+        cascade=str(cascade) if cascade else None,
     )
     try:
         ProtocolConfig(name=protocol)
