@@ -51,4 +51,4 @@ def test_a_cascade_adds_list_metrics_to_the_quality_table(tmp_path):
     run_benchmark(config, tmp_path / "bench", progress=False)
     row = json.loads((tmp_path / "bench" / "results.json").read_text())["summary"][0]
     assert 0 <= row["recall@10"] <= 1 and 0 <= row["ndcg@50"] <= 1
-    assert "| recall@10 | recall@50 | ndcg@10 | ndcg@50 |" in (tmp_path / "bench" / "benchmark.md").read_text()
+    assert "| recall@10 | ndcg@10 | recall@50 | ndcg@50 |" in (tmp_path / "bench" / "benchmark.md").read_text()
