@@ -14,11 +14,7 @@ top-K of the same list (agreement with the ranker).
 
 from __future__ import annotations
 
-import copy
-import json
 import math
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +27,7 @@ from prerank.metrics import ndcg_at_k, recall_at_k
 from prerank.models.base import PreRankModel, gather_items
 from prerank.train import distributed
 from prerank.train.losses import HybridLossConfig, hybrid_loss
-from prerank.train.trainer import EpochLog, Trainer, TrainConfig, seed_everything
+from prerank.train.trainer import EpochLog, Trainer, TrainConfig
 
 KS = (10, 50, 100)
 LIST_TARGETS = ("stage", "teacher", "relevance", "mask")
@@ -111,12 +107,14 @@ def evaluate_lists(model: PreRankModel, data: PreparedData, lists: CascadeLists,
 
 
 class ListwiseTrainer(Trainer):
-    """The trainer with the hybrid loss over cascade lists; `config.batch_size` counts requests."""
+    """The trainer with the hybrid loss over cascade lists; `config.batch_size` counts requests.
+    `EpochLog.valid_auc` holds the validation NDCG@10 in its history."""
+
+    metric_name = "valid NDCG@10"
 
     def __init__(self, model: PreRankModel, config: TrainConfig, loss: HybridLossConfig | None = None) -> None:
         super().__init__(model, config)
         self.loss_config = loss or HybridLossConfig()
-        self.best_valid_ndcg = -math.inf
 
     def list_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         output = self.network(batch)
@@ -125,60 +123,14 @@ class ListwiseTrainer(Trainer):
         return total + sum(output.aux_losses.values(), torch.zeros((), device=total.device)), terms
 
     def fit_lists(self, data: PreparedData, train: CascadeLists, valid: CascadeLists, out_dir: Path | None = None) -> list[EpochLog]:
-        c = self.config
-        if c.num_threads:
-            torch.set_num_threads(c.num_threads)
-        seed_everything(c.seed)
-        self.model.to(self.device)
-        ctx = distributed.context()
-        batch_size = distributed.per_rank_batch_size(c.batch_size, ctx)
-        self.network = distributed.wrap(self.model, self.device, ctx)
-        progress = c.progress and ctx.is_main
+        ctx, batch_size = self.prepare()
         source = ListBatches(self.model, data, train, self.device)
-        optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay)
-        generator = torch.Generator().manual_seed(c.seed)
-        best_state = copy.deepcopy(self.model.state_dict())
-        stale = 0
-        for epoch in range(1, c.epochs + 1):
-            self.model.train()
-            started = time.perf_counter()
-            total, count, term_totals = 0.0, 0, {}
-            for batch in source.batches(batch_size, generator, ctx):
-                loss, terms = self.list_loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if c.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
-                optimizer.step()
-                requests = len(batch["mask"])
-                total += loss.item() * requests
-                count += requests
-                for name, value in terms.items():
-                    term_totals[name] = term_totals.get(name, 0.0) + value.item() * requests
-            seconds = time.perf_counter() - started
-            if ctx.enabled:
-                names = sorted(term_totals)
-                total, count, *sums = distributed.sum_over_ranks([total, count, *(term_totals[k] for k in names)], ctx, self.device)
-                term_totals = dict(zip(names, sums))
-                distributed.broadcast_buffers(self.model, ctx)
-            # Every rank scores all validation lists (they are few) with identical weights, so
-            # early stopping agrees across ranks without a gather.
-            valid_ndcg = evaluate_lists(self.model, data, valid, ks=(10,))["ndcg@10"]
-            log = EpochLog(epoch, total / max(count, 1), valid_ndcg, seconds, count / seconds,
-                           {k: v / max(count, 1) for k, v in term_totals.items()})
-            self.history.append(log)
-            if progress:
-                print(f"epoch {epoch}: loss {log.train_loss:.4f}  valid NDCG@10 {valid_ndcg:.4f}  {seconds:.1f}s", flush=True)
-            if valid_ndcg > self.best_valid_ndcg:
-                self.best_valid_ndcg, self.best_epoch, stale = valid_ndcg, epoch, 0
-                best_state = copy.deepcopy(self.model.state_dict())
-            else:
-                stale += 1
-                if stale >= c.patience:
-                    break
-        self.model.load_state_dict(best_state)
-        if out_dir is not None and ctx.is_main:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            # EpochLog.valid_auc holds the validation NDCG@10 in listwise runs.
-            (Path(out_dir) / "history.json").write_text(json.dumps([asdict(h) for h in self.history], indent=2))
-        return self.history
+
+        def validate() -> float:
+            # Every rank scores all validation lists (they are few) with identical weights and
+            # rank 0's BatchNorm statistics, so early stopping agrees across ranks without a gather.
+            distributed.broadcast_buffers(self.model, ctx)
+            return evaluate_lists(self.model, data, valid, ks=(10,))["ndcg@10"]
+
+        return self.run_epochs(lambda generator: source.batches(batch_size, generator, ctx), math.ceil(len(train) / self.config.batch_size),
+                               self.list_loss, "mask", validate, ctx, out_dir=out_dir)

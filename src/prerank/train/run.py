@@ -77,7 +77,7 @@ def train_and_evaluate(
         trainer = ListwiseTrainer(model, train_config, hybrid)
         trainer.fit_lists(data, cascade.lists("train"), cascade.lists("valid"), out_dir=out_dir)
         if out_dir is not None and distributed.context().is_main:
-            extra.update(epoch=trainer.best_epoch, valid_ndcg10=trainer.best_valid_ndcg, cascade=cascade.meta,
+            extra.update(epoch=trainer.best_epoch, valid_ndcg10=trainer.best_valid, cascade=cascade.meta,
                          hybrid_loss=asdict(trainer.loss_config))
             save_checkpoint(Path(out_dir) / "checkpoint.pt", model, extra=extra)
     metrics = {

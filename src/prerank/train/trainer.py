@@ -118,6 +118,10 @@ def evaluate(model: PreRankModel, table: SampleTable, batch_size: int = 16384, d
 
 
 class Trainer:
+    """Pointwise training (`fit`); `run_epochs` is the loop every trainer shares."""
+
+    metric_name = "valid AUC"
+
     def __init__(self, model: PreRankModel, config: TrainConfig) -> None:
         self.model = model
         self.network: torch.nn.Module = model  # what training steps call: DDP over `model` under torchrun
@@ -125,25 +129,51 @@ class Trainer:
         self.device = torch.device(config.device)
         self.history: list[EpochLog] = []
         self.best_epoch = 0
-        self.best_valid_auc = -math.inf
+        self.best_valid = -math.inf  # the early-stopping metric of the best epoch (`metric_name`)
+
+    @property
+    def best_valid_auc(self) -> float:
+        return self.best_valid
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         output = self.network(batch)
         bce = F.binary_cross_entropy_with_logits(output.logits.reshape(-1), batch[LABEL])
         return bce + sum(output.aux_losses.values(), torch.zeros((), device=bce.device)), output.aux_losses
 
-    def fit(self, train: SampleTable, valid: SampleTable, out_dir: Path | None = None, checkpoint_extra: dict | None = None) -> list[EpochLog]:
+    def prepare(self) -> tuple[distributed.Context, int]:
+        """Threads, seed, device and the DDP wrap; returns the process context and this rank's batch size."""
         c = self.config
         if c.num_threads:
             torch.set_num_threads(c.num_threads)
         seed_everything(c.seed)
         self.model.to(self.device)
         ctx = distributed.context()
-        batch_size = distributed.per_rank_batch_size(c.batch_size, ctx)
         self.network = distributed.wrap(self.model, self.device, ctx)
+        return ctx, distributed.per_rank_batch_size(c.batch_size, ctx)
+
+    def fit(self, train: SampleTable, valid: SampleTable, out_dir: Path | None = None, checkpoint_extra: dict | None = None) -> list[EpochLog]:
+        ctx, batch_size = self.prepare()
+        train_tensors = to_device_tensors(train, model_columns(self.model) + [LABEL], self.device)
+
+        def save_best(epoch: int, valid_auc: float) -> None:
+            if out_dir is not None and ctx.is_main:
+                save_checkpoint(Path(out_dir) / "checkpoint.pt", self.model, extra={**(checkpoint_extra or {}), "epoch": epoch, "valid_auc": valid_auc})
+
+        return self.run_epochs(
+            lambda generator: iterate_batches(train_tensors, batch_size, generator, ctx),
+            math.ceil(len(train) / self.config.batch_size), self.loss, LABEL,
+            lambda: auc(valid[LABEL], predict_gathered(self.model, valid, self.config.eval_batch_size, self.device)),
+            ctx, on_best=save_best, out_dir=out_dir,
+        )
+
+    def run_epochs(self, batches, n_batches: int, loss_fn, count_key: str, validate, ctx: distributed.Context,
+                   on_best=None, out_dir: Path | None = None) -> list[EpochLog]:
+        """Adam over `batches(generator)` each epoch, early stopping on `validate()` (higher is
+        better), best weights restored at the end. `loss_fn(batch)` gives (loss, named terms);
+        `count_key` names the batch tensor whose length counts the batch's examples (rows or
+        requests) for the logged means; `on_best(epoch, value)` runs when validation improves."""
+        c = self.config
         progress = c.progress and ctx.is_main
-        columns = model_columns(self.model) + [LABEL]
-        train_tensors = to_device_tensors(train, columns, self.device)
         optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay)
         generator = torch.Generator().manual_seed(c.seed)
         best_state = copy.deepcopy(self.model.state_dict())
@@ -151,40 +181,39 @@ class Trainer:
         for epoch in range(1, c.epochs + 1):
             self.model.train()
             started = time.perf_counter()
-            total, count, aux_totals = 0.0, 0, {}
-            n_batches = math.ceil(len(train) / c.batch_size)
-            bar = tqdm(iterate_batches(train_tensors, batch_size, generator, ctx), total=n_batches, disable=not progress,
-                       desc=f"epoch {epoch}/{c.epochs}", leave=False, unit="batch")
+            total, count, term_totals = 0.0, 0, {}
+            bar = tqdm(batches(generator), total=n_batches, disable=not progress, desc=f"epoch {epoch}/{c.epochs}", leave=False, unit="batch")
             for batch in bar:
-                loss, aux = self.loss(batch)
+                loss, terms = loss_fn(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if c.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
                 optimizer.step()
-                rows = len(batch[LABEL])
-                total += loss.item() * rows
-                count += rows
-                for name, value in aux.items():
-                    aux_totals[name] = aux_totals.get(name, 0.0) + value.item() * rows
+                examples = len(batch[count_key])
+                total += loss.item() * examples
+                count += examples
+                for name, value in terms.items():
+                    term_totals[name] = term_totals.get(name, 0.0) + value.item() * examples
                 if progress:
                     bar.set_postfix(loss=f"{total / count:.4f}")
             seconds = time.perf_counter() - started
             if ctx.enabled:
-                names = sorted(aux_totals)
-                total, count, *sums = distributed.sum_over_ranks([total, count, *(aux_totals[k] for k in names)], ctx, self.device)
-                aux_totals = dict(zip(names, sums))
-            valid_auc = auc(valid[LABEL], predict_gathered(self.model, valid, c.eval_batch_size, self.device))
-            log = EpochLog(epoch, total / max(count, 1), valid_auc, seconds, count / seconds,
-                           {k: v / max(count, 1) for k, v in aux_totals.items()})
+                names = sorted(term_totals)
+                total, count, *sums = distributed.sum_over_ranks([total, count, *(term_totals[k] for k in names)], ctx, self.device)
+                term_totals = dict(zip(names, sums))
+            valid_value = validate()
+            log = EpochLog(epoch, total / max(count, 1), valid_value, seconds, count / seconds,
+                           {k: v / max(count, 1) for k, v in term_totals.items()})
             self.history.append(log)
             if progress:
-                tqdm.write(f"epoch {epoch}: loss {log.train_loss:.4f}  valid AUC {valid_auc:.4f}  {seconds:.1f}s  {log.rows_per_second:,.0f} rows/s")
-            if valid_auc > self.best_valid_auc:
-                self.best_valid_auc, self.best_epoch, stale = valid_auc, epoch, 0
+                tqdm.write(f"epoch {epoch}: loss {log.train_loss:.4f}  {self.metric_name} {valid_value:.4f}  {seconds:.1f}s  "
+                           f"{log.rows_per_second:,.0f} {'rows' if count_key == LABEL else 'lists'}/s")
+            if valid_value > self.best_valid:
+                self.best_valid, self.best_epoch, stale = valid_value, epoch, 0
                 best_state = copy.deepcopy(self.model.state_dict())
-                if out_dir is not None and ctx.is_main:
-                    save_checkpoint(Path(out_dir) / "checkpoint.pt", self.model, extra={**(checkpoint_extra or {}), "epoch": epoch, "valid_auc": valid_auc})
+                if on_best is not None:
+                    on_best(epoch, valid_value)
             else:
                 stale += 1
                 if stale >= c.patience:
