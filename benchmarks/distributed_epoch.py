@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from prerank.train.run import write_json_atomic
+from prerank.atomic import write_json_atomic
 
 
 def run_once(processes: int, args, out_dir: Path) -> dict:

@@ -25,7 +25,7 @@ from prerank.data.movielens import load_movielens
 from prerank.data.pipeline import ProtocolConfig
 from prerank.models import create_model
 from prerank.models.base import gather_items
-from prerank.train.run import write_json_atomic
+from prerank.atomic import write_json_atomic
 
 # (label, model, overrides): the N sweep at default heads, then the heads sweep at default N.
 CONFIGS = [("two_tower", "two_tower", {})]

@@ -30,7 +30,7 @@ from prerank.models.base import config_to_dict, create_model
 from prerank.train.checkpoint import load_checkpoint
 from prerank.train.listwise import ListwiseTrainer, list_report, score_lists
 from prerank.train.losses import HybridLossConfig
-from prerank.train.run import write_json_atomic
+from prerank.atomic import write_json_atomic
 from prerank.train.trainer import Trainer, TrainConfig, evaluate
 
 ABLATIONS = {"hybrid": {}, "-distill": {"distill_weight": 0.0}, "-fine": {"fine_weight": 0.0}, "-coarse": {"coarse_weight": 0.0}}

@@ -24,7 +24,8 @@ from prerank.data.movielens import load_movielens
 from prerank.data.pipeline import ProtocolConfig
 from prerank.benchmark import PUBLISHED, PUBLISHED_LOGLOSS, resolve_variant as resolve
 from prerank.metrics import rela_impr
-from prerank.train.run import run_training, write_json_atomic
+from prerank.atomic import write_json_atomic
+from prerank.train.run import run_training
 from prerank.train.trainer import TrainConfig
 
 

@@ -173,7 +173,7 @@ def _cell_path(out: Path, variant: str, seed: int) -> Path:
 def run_benchmark(config: BenchmarkConfig, out: Path, progress: bool = True) -> list[dict]:
     from tqdm.auto import tqdm
 
-    from prerank.train.run import write_json_atomic
+    from prerank.atomic import write_json_atomic
 
     variants = all_models() if "all" in config.models else list(config.models)
     cells = [(v, s) for v in variants for s in range(1, config.seeds + 1)]
@@ -246,7 +246,7 @@ def aggregate(results: list[dict]) -> list[dict]:
 
 
 def write_reports(results: list[dict], config: BenchmarkConfig, out: Path) -> None:
-    from prerank.train.run import write_json_atomic
+    from prerank.atomic import write_json_atomic
 
     rows = aggregate(results)
     first = results[0]

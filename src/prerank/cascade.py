@@ -35,8 +35,6 @@ arrays, what listwise training and evaluation (`prerank.train.listwise`) take.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from prerank.atomic import atomic_path
 from prerank.data.schema import FIRST_KNOWN_INDEX, PAD_INDEX
 from prerank.data.table import GRADE, ITEM_ROW, LABEL, TIMESTAMP, PreparedData, SampleTable
 from prerank.models.base import PreRankModel, gather_items
@@ -376,17 +375,9 @@ def build_cascade(data: PreparedData, teacher: PreRankModel, config: CascadeConf
 
 def save_cascade(cascade: Cascade, path: Path) -> None:
     """Parquet, written to a temporary sibling and renamed; `meta` goes in the file's metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table(cascade.columns).replace_schema_metadata({"prerank.cascade": json.dumps(cascade.meta)})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_cascade(path: Path) -> Cascade:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,6 @@ from prerank.data.pipeline import PROTOCOLS, ProtocolConfig
 from prerank.data.table import DataError
 from prerank.serve.commands import register as register_serving
 from prerank.data_cli import data_app
-from prerank.train.distributed import context as distributed_context, data_parallel
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-ranking models for cascade recommender systems.")
 app.add_typer(data_app, name="data")
@@ -24,6 +24,19 @@ ML1M_HINT = (
     "prerank train --dataset ml-1m --data-dir ../shared/data/ml-1m "
     "--ratings-file ratings-partial-users0001-2999/ratings.dat.gz --protocol temporal --model two_tower --out runs/tt"
 )
+
+
+def data_parallel(command):
+    """`prerank.train.distributed.data_parallel`, imported when the command runs: the CLI module
+    (which `prerank serve` loads) must not import the trainer's package."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from prerank.train.distributed import data_parallel as wrap
+
+        return wrap(command)(*args, **kwargs)
+
+    return run
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -97,6 +110,8 @@ def train(
         metrics = run_training(data, model, train_config, parse_overrides(set_), out, source, lists, loss)
     except (DataError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
+    from prerank.train.distributed import context as distributed_context
+
     if not distributed_context().is_main:
         return
     test = metrics["test"]

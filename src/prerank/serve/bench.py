@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prerank.atomic import write_text_atomic
 from prerank.data.schema import OOV_INDEX, Kind, Schema
 from prerank.models.base import create_model
 from prerank.serve.artifact import read_manifest, state_layout
@@ -224,13 +225,6 @@ def bench_markdown(result: dict) -> str:
         f"- Model version {result['version']}; decoupled: {result['decoupled']}; ranker: {result['is_ranker']}.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_summary(directory: Path) -> Path:

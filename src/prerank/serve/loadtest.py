@@ -26,7 +26,8 @@ import numpy as np
 import prerank
 from prerank.data.schema import Schema
 from prerank.serve.artifact import IDS_FILE, read_manifest
-from prerank.serve.bench import RequestSampler, percentiles, write_summary, write_text_atomic
+from prerank.atomic import write_text_atomic
+from prerank.serve.bench import RequestSampler, percentiles, write_summary
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from prerank.atomic import atomic_path
 from prerank.data.schema import Schema
 from prerank.models.base import PreRankModel, config_to_dict, create_model
 
@@ -15,16 +14,8 @@ FORMAT_VERSION = 1
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: Path, model: PreRankModel, extra: dict | None = None) -> None:

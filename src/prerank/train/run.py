@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from prerank.atomic import write_json_atomic
 from prerank.cascade import Cascade
 from prerank.data.table import DataError, PreparedData
 from prerank.models.base import PreRankModel, config_to_dict, create_model
@@ -17,14 +15,6 @@ from prerank.train.listwise import ListwiseTrainer, evaluate_lists
 from prerank.train.losses import HybridLossConfig
 from prerank.train.trainer import Trainer, TrainConfig, evaluate, seed_everything
 
-
-def write_json_atomic(path: Path, payload) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, default=float)
-    os.replace(tmp, path)
 
 
 def run_training(
