@@ -1,49 +1,126 @@
-"""TARQ on MovieLens-1M: quality with and without codebook alignment, the teacher it approximates,
-codebook utilisation per level, and per-request cost as L·K grows.
+"""TARQ on MovieLens-1M: TARQ vs Two-Tower, the target-attention teacher TARQ approximates, and
+codebook utilisation / code entropy per level with and without codebook alignment.
 
-    python benchmarks/tarq_ml1m.py --data-dir ../shared/data/ml-1m \
-        --ratings-file ratings-partial-users0001-2999/ratings.dat.gz --out benchmarks/results/ml1m_tarq
+    PYTHONPATH=src nice -n 5 python benchmarks/tarq_ml1m.py --data-dir ../shared/data/ml-1m \
+        --ratings-file ratings-partial-users0001-2999/ratings.dat.gz --protocol temporal \
+        --epochs 3 --patience 1 --out benchmarks/results/ml1m_tarq
 
-Writes OUT/results.json and OUT/summary.md.
+Resumable: each finished run is stored in OUT/results-<protocol>-seed<seed>.json and skipped when
+the script is started again. Writes OUT/summary.md (all result files in OUT) and
+OUT/utilisation.png (utilisation per level, with vs without alignment). Per-request cost is
+`benchmarks/tarq_cost.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from prerank.benchmark import measure_request_latency
 from prerank.data.movielens import load_movielens
 from prerank.data.pipeline import ProtocolConfig
-from prerank.data.table import LABEL
+from prerank.data.table import ITEM_ROW, LABEL
 from prerank.metrics import auc, logloss
-from prerank.models import create_model
 from prerank.models.tarq import codebook_usage
 from prerank.train.run import train_and_evaluate, write_json_atomic
 from prerank.train.trainer import TrainConfig, iterate_batches, model_columns, to_device_tensors
+
+# name -> (model, overrides). "(PR #1 codebooks)" reproduces the first version's codebook training:
+# gradient-only codebooks, no codebook / commitment term, no restarts, the MLP teacher.
+VARIANTS = {
+    "two_tower": ("two_tower", {}),
+    "tarq": ("tarq", {}),
+    "tarq (no alignment)": ("tarq", {"align": False}),
+    "tarq (codebook loss)": ("tarq", {"codebook_update": "loss"}),
+    "tarq (codebook loss, no alignment)": ("tarq", {"codebook_update": "loss", "align": False}),
+    "tarq (first version's codebooks)": ("tarq", {"codebook_update": "loss", "codebook_weight": 0.0, "commitment_weight": 0.0,
+                                                  "dead_code_restart": False}),
+    "tarq (first version's codebooks, no alignment)": ("tarq", {"codebook_update": "loss", "codebook_weight": 0.0,
+                                                                "commitment_weight": 0.0, "dead_code_restart": False, "align": False}),
+}
 
 
 @torch.no_grad()
 def teacher_report(model, table) -> dict:
     model.eval()
     tensors = to_device_tensors(table, model_columns(model), torch.device("cpu"))
-    logits = torch.cat([model.teacher(batch)[1] for batch in iterate_batches(tensors, 16384)])
+    logits = torch.cat([model.teacher(batch)[1].reshape(-1) for batch in iterate_batches(tensors, 16384)])
     p = torch.sigmoid(logits).numpy()
     return {"auc": auc(table[LABEL], p), "logloss": logloss(table[LABEL], p)}
 
 
 @torch.no_grad()
-def usage_report(model, table, batch_size: int = 2048) -> dict:
+def usage_report(model, data, batch_size: int = 2048) -> dict:
+    """Utilisation and entropy per level over the test rows' items (popularity-weighted, as a
+    batch sees them), the mean over test batches of `batch_size` rows, over the catalogue, and the
+    mean over the last 50 training batches."""
     model.eval()
-    items = {f.name: torch.as_tensor(table[f.name]).long() if table[f.name].dtype.kind == "i" else torch.as_tensor(table[f.name]).float()
-             for f in model.schema.item_features}
-    codes = model.encode_catalogue(items)["codes"]
     K = model.config.codebook_size
+    catalogue = model.encode_catalogue(data.items.to_tensors())["codes"]
+    rows = torch.as_tensor(data.test[ITEM_ROW]).long()
+    codes = catalogue[rows]
     per_batch = [codebook_usage(codes[i : i + batch_size], K)["utilisation"] for i in range(0, len(codes), batch_size)]
-    return {"evaluation_set": codebook_usage(codes, K), "per_batch_utilisation": np.mean(per_batch, axis=0).tolist()}
+    return {"evaluation_set": codebook_usage(codes, K), "per_batch_utilisation": np.mean(per_batch, axis=0).tolist(),
+            "catalogue": codebook_usage(catalogue, K),
+            "training_batches_utilisation": np.mean(model.batch_utilisation[-50:], axis=0).tolist()}
+
+
+def summary(out: Path) -> None:
+    lines = ["# TARQ on ML-1M (users 1–2999)", "",
+             "Test split; one training per row (seed in the file name). Utilisation = distinct codes / K per level; "
+             "'eval set' counts the codes of the test rows' items, 'per batch' averages over test batches of 2,048 rows, "
+             "'train batches' over the last 50 training batches. Entropy in nats over the test rows (max ln 64 = 4.16).", "",
+             "| protocol | seed | model | test AUC | test log loss | teacher test AUC | utilisation eval set | per batch | train batches | catalogue | entropy | s/epoch | epochs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    percent = lambda values: ", ".join(f"{v:.0%}" for v in values)  # noqa: E731
+    for path in sorted(out.glob("results-*.json")):
+        results = json.loads(path.read_text())
+        for name, run in results["runs"].items():
+            cells = [results["protocol"], str(results["seed"]), name, f"{run['test']['auc']:.4f}", f"{run['test']['logloss']:.4f}"]
+            if "codebook" in run:
+                usage = run["codebook"]
+                cells += [f"{run['teacher_test']['auc']:.4f}", percent(usage["evaluation_set"]["utilisation"]),
+                          percent(usage["per_batch_utilisation"]), percent(usage["training_batches_utilisation"]),
+                          percent(usage["catalogue"]["utilisation"]), ", ".join(f"{e:.2f}" for e in usage["evaluation_set"]["entropy"])]
+            else:
+                cells += ["–"] * 6
+            cells += [f"{run['seconds_per_epoch']:.0f}", f"{run['epochs_run']} (best {run['best_epoch']})"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Seconds per epoch were measured with 1 thread on a shared 2-core machine under load from other jobs: compare "
+              "them only roughly.", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    plot(out)
+
+
+def plot(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = []
+    for results in (json.loads(p.read_text()) for p in sorted(out.glob("results-*.json"))):
+        for name, run in results["runs"].items():
+            if "codebook" in run:
+                series.append((f"{name} [{results['protocol']}, seed {results['seed']}]", run["codebook"]["evaluation_set"]["utilisation"]))
+    if not series:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        ax.bar(np.arange(len(values)) + i * width, [100 * v for v in values], width, label=label)
+    levels = len(series[0][1])
+    ax.set_xticks(np.arange(levels) + 0.4 - width / 2, [f"level {l + 1}" for l in range(levels)])
+    ax.set_ylabel("codebook utilisation over test rows (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("TARQ codebook utilisation, with vs without alignment — ML-1M (users 1–2999)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "utilisation.png", dpi=120)
 
 
 def main() -> None:
@@ -51,54 +128,40 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--ratings-file", default=None)
     parser.add_argument("--protocol", default="temporal")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--patience", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", default=["two_tower", "tarq", "tarq (no alignment)"], choices=sorted(VARIANTS))
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.summary_only:
+        return summary(out)
+    path = out / f"results-{args.protocol}-seed{args.seed}.json"
     data = load_movielens(args.data_dir, ProtocolConfig(name=args.protocol), args.ratings_file, args.cache_dir)
-    results = {"dataset": data.meta["dataset_label"], "protocol": args.protocol, "runs": {}, "cost": []}
-    for name, overrides in (("two_tower", None), ("tarq", {}), ("tarq (no alignment)", {"align": False})):
-        config = TrainConfig(epochs=args.epochs, patience=2, seed=args.seed, num_threads=args.threads, progress=False)
-        metrics, model = train_and_evaluate(data, "tarq" if overrides is not None else name, config, overrides)
-        run = {"test": metrics["test"], "seconds_per_epoch": metrics["seconds_per_epoch"], "best_epoch": metrics["best_epoch"]}
-        if overrides is not None:
+    results = json.loads(path.read_text()) if path.exists() else {"dataset": data.meta["dataset_label"], "protocol": args.protocol,
+                                                                 "seed": args.seed, "epochs": args.epochs, "runs": {}}
+    for name in args.variants:
+        if name in results["runs"]:
+            print(f"{name}: done, skipped", flush=True)
+            continue
+        model_name, overrides = VARIANTS[name]
+        config = TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed, num_threads=args.threads, progress=False)
+        metrics, model = train_and_evaluate(data, model_name, config, overrides)
+        run = {"model": model_name, "overrides": overrides, "test": metrics["test"], "valid": metrics["valid"],
+               "seconds_per_epoch": metrics["seconds_per_epoch"], "best_epoch": metrics["best_epoch"],
+               "epochs_run": metrics["epochs_run"], "history": metrics["history"]}
+        if model_name == "tarq":
             run["teacher_test"] = teacher_report(model, data.test)
-            run["codebook"] = usage_report(model, data.test)
+            run["codebook"] = usage_report(model, data)
         results["runs"][name] = run
-        print(name, run, flush=True)
-        write_json_atomic(out / "results.json", results)
-
-    torch.set_num_threads(1)
-    request = {k: v[:1] for k, v in data.test.subset(np.arange(1)).to_tensors().items()}
-    for levels, size in ((1, 16), (2, 32), (3, 64), (3, 128), (4, 256)):
-        model = create_model("tarq", data.schema, {"levels": levels, "codebook_size": size, "codebook_init": "random"}).eval()
-        table = model.encode_catalogue(data.items.to_tensors())
-        latency = measure_request_latency(model, table, model.user_inputs(request), 1000, repeats=200)
-        results["cost"].append({"levels": levels, "codebook_size": size, "codewords": levels * size, **latency})
-        print(results["cost"][-1], flush=True)
-    write_json_atomic(out / "results.json", results)
-
-    lines = [f"# TARQ on {results['dataset']} [{args.protocol}], seed {args.seed}\n",
-             "| model | test AUC | test log loss | teacher test AUC | utilisation per level (eval set) | per batch | entropy (nats) |",
-             "|---|---|---|---|---|---|---|"]
-    percent = lambda values: ", ".join(f"{v:.0%}" for v in values)  # noqa: E731
-    for name, run in results["runs"].items():
-        cells = [name, f"{run['test']['auc']:.4f}", f"{run['test']['logloss']:.4f}", "–", "–", "–", "–"]
-        if "codebook" in run:
-            usage = run["codebook"]
-            cells[3:] = [f"{run['teacher_test']['auc']:.4f}", percent(usage["evaluation_set"]["utilisation"]),
-                         percent(usage["per_batch_utilisation"]), ", ".join(f"{e:.2f}" for e in usage["evaluation_set"]["entropy"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Per-request cost, one request of 1,000 candidates, 1 CPU thread (untrained weights; cost depends on shapes only):", "",
-              "| L | K | L·K | user stage p50 ms | score p50 ms | total p50 ms | total p99 ms |", "|---|---|---|---|---|---|---|"]
-    for c in results["cost"]:
-        lines.append(f"| {c['levels']} | {c['codebook_size']} | {c['codewords']} | {c['user_p50_ms']:.3f} | {c['score_p50_ms']:.3f} | "
-                     f"{c['p50_ms']:.3f} | {c['p99_ms']:.3f} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        print(name, {k: run[k] for k in ("test", "seconds_per_epoch")}, run.get("teacher_test"), run.get("codebook"), flush=True)
+        write_json_atomic(path, results)
+    summary(out)
 
 
 if __name__ == "__main__":
