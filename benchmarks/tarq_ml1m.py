@@ -34,12 +34,16 @@ VARIANTS = {
     "two_tower": ("two_tower", {}),
     "tarq": ("tarq", {}),
     "tarq (no alignment)": ("tarq", {"align": False}),
+    "tarq (normalised alignment)": ("tarq", {"align_normalise": True}),
     "tarq (codebook loss)": ("tarq", {"codebook_update": "loss"}),
     "tarq (codebook loss, no alignment)": ("tarq", {"codebook_update": "loss", "align": False}),
     "tarq (first version's codebooks)": ("tarq", {"codebook_update": "loss", "codebook_weight": 0.0, "commitment_weight": 0.0,
                                                   "dead_code_restart": False}),
     "tarq (first version's codebooks, no alignment)": ("tarq", {"codebook_update": "loss", "codebook_weight": 0.0,
                                                                 "commitment_weight": 0.0, "dead_code_restart": False, "align": False}),
+    "tarq (first version's codebooks, normalised alignment)": ("tarq", {"codebook_update": "loss", "codebook_weight": 0.0,
+                                                                        "commitment_weight": 0.0, "dead_code_restart": False,
+                                                                        "align_normalise": True}),
 }
 
 
@@ -73,8 +77,8 @@ def summary(out: Path) -> None:
              "Test split; one training per row (seed in the file name). Utilisation = distinct codes / K per level; "
              "'eval set' counts the codes of the test rows' items, 'per batch' averages over test batches of 2,048 rows, "
              "'train batches' over the last 50 training batches. Entropy in nats over the test rows (max ln 64 = 4.16).", "",
-             "| protocol | seed | model | test AUC | test log loss | teacher test AUC | utilisation eval set | per batch | train batches | catalogue | entropy | s/epoch | epochs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| protocol | seed | model | test AUC | test log loss | teacher test AUC | utilisation eval set | per batch | train batches | catalogue | entropy | align loss (last epoch) | s/epoch | epochs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     percent = lambda values: ", ".join(f"{v:.0%}" for v in values)  # noqa: E731
     for path in sorted(out.glob("results-*.json")):
         results = json.loads(path.read_text())
@@ -87,6 +91,8 @@ def summary(out: Path) -> None:
                           percent(usage["catalogue"]["utilisation"]), ", ".join(f"{e:.2f}" for e in usage["evaluation_set"]["entropy"])]
             else:
                 cells += ["–"] * 6
+            align = run["history"][-1]["aux_losses"].get("align") if run["history"] else None
+            cells.append("–" if align is None else f"{align:.2g}")
             cells += [f"{run['seconds_per_epoch']:.0f}", f"{run['epochs_run']} (best {run['best_epoch']})"]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Seconds per epoch were measured with 1 thread on a shared 2-core machine under load from other jobs: compare "

@@ -219,3 +219,13 @@ def test_cached_codeword_queries_follow_weight_changes(small_data, small_batch):
 def test_heads_must_divide_the_embedding_dim(small_data):
     with pytest.raises(ValueError, match="must divide"):
         _model(small_data, attention_heads=3)
+
+
+def test_normalised_alignment_distribution_is_scale_free(small_data):
+    model = _model(small_data, align_normalise=True, align_temperature=0.5)
+    distances = torch.tensor([[1.0, 2.0, 3.0]])
+    expected = torch.softmax(-torch.tensor([[0.5, 1.0, 1.5]]) / 0.5, -1)
+    torch.testing.assert_close(model._code_distribution(distances), expected)
+    torch.testing.assert_close(model._code_distribution(distances * 1e-4), expected)
+    official = _model(small_data)
+    torch.testing.assert_close(official._code_distribution(distances), torch.softmax(-distances, -1))

@@ -50,10 +50,13 @@ batch mean, at align_rows/B of the full cost.
 Readings we chose where the sources are silent (each a config option):
 - `combine`: how ĥ enters the served logit. Default "sum": two-tower logit plus the attention
   logit <ĥ, W_h v_item>; "attention_only" drops the two-tower term.
-- Both attentions are multi-head scaled dot-product attention (`attention_heads` heads) written
-  as einsums, with a learnable null behaviour so an empty sequence is defined; the student is
-  separate from the teacher unless `share_attention`. The official class name says the student
-  is "light"; dot-product attention keeps the L·K queries per request cheap.
+- Both attentions are multi-head scaled dot-product attention (`attention_heads` heads) with
+  explicit projections (the codeword queries are projected once, not per user; the keys and
+  values once per user) and PyTorch's fused `scaled_dot_product_attention`, with a learnable null
+  behaviour so an empty sequence is defined; the student is separate from the teacher unless
+  `share_attention`. The official class name says the student is "light"; dot-product attention
+  keeps the L·K queries per request cheap.
+- `score` gathers row l·K + z_l of the flattened [L·K, d] personalised codebook per level.
 - The behaviour sequence is used as raw item embeddings (no self-attention encoder before the
   target attention, which the reviews mention).
 - `teacher_query`: "item_encoder" (default) makes the teacher's query the item vector v = g(x_item)
@@ -73,6 +76,11 @@ Readings we chose where the sources are silent (each a config option):
   training steps is moved onto a random residual of the current batch (SoundStream / Jukebox).
   Codebook updates computed in a step are applied at the start of the next training forward, so
   no tensor saved for the current backward pass changes.
+- `align_normalise`, `align_temperature`: the official term is softmax(−||·||²) at unit
+  temperature, which depends on the vectors' scale. Ours are small (embeddings initialised at
+  std 0.01): both distributions come out near uniform and the KL ~1e-7, so the term does nothing.
+  `align_normalise=True` divides each row's squared distances by their (detached) mean over the
+  K codes before the softmax (then by `align_temperature`); the default keeps the official form.
 - `codebook_init`: "kmeans" (default) runs residual k-means on the item vectors of the first
   training batch; "random" draws N(0, 1/d).
 
@@ -125,6 +133,8 @@ class TarqConfig:
     align: bool = True
     align_weight: float = 1.0  # λ_KL, the official default
     align_rows: int = 256
+    align_normalise: bool = False  # [I] divide squared distances by their (detached) mean over the K codes
+    align_temperature: float = 1.0
     item_encoder_hidden: tuple[int, ...] = (64,)
 
 
@@ -430,11 +440,20 @@ class Tarq(PreRankModel):
         attention_residual = target
         rows = torch.arange(len(codes), device=codes.device)
         for level in range(self.config.levels):
-            item_side = (-((residuals[:, level, None, :] - self.codebooks[level]) ** 2).sum(-1)).softmax(-1)
-            attention_side = (-((attention_residual[:, None, :] - personal[:, level]) ** 2).sum(-1)).softmax(-1)
+            item_side = self._code_distribution(((residuals[:, level, None, :] - self.codebooks[level]) ** 2).sum(-1))
+            attention_side = self._code_distribution(((attention_residual[:, None, :] - personal[:, level]) ** 2).sum(-1))
             total = total + symmetric_kl(item_side, attention_side).mean()
             attention_residual = attention_residual - personal[rows, level, codes[:, level]]
         return total
+
+    def _code_distribution(self, squared_distances: Tensor) -> Tensor:
+        """softmax_k(−||·||² / τ) over the K codes; with `align_normalise`, the distances are first
+        divided by their detached mean over the K codes, which makes the term independent of the
+        vectors' scale (at the official unit temperature, vectors of norm ~0.1 give two near-uniform
+        distributions and a KL of ~1e-7 whatever the codes)."""
+        if self.config.align_normalise:
+            squared_distances = squared_distances / squared_distances.detach().mean(-1, keepdim=True).clamp_min(1e-12)
+        return (-squared_distances / self.config.align_temperature).softmax(-1)
 
     # -- codebook maintenance -----------------------------------------------------------------
     @torch.no_grad()
