@@ -102,31 +102,50 @@ def summary(out: Path) -> None:
     plot(out)
 
 
+def _scheme_and_alignment(name: str) -> tuple[str, str]:
+    """'tarq (codebook loss, no alignment)' -> ('codebook loss', 'no alignment')."""
+    parts = [p.strip() for p in name[len("tarq"):].strip(" ()").split(",") if p.strip()]
+    align = next((p for p in parts if "alignment" in p), "alignment (official)")
+    scheme = ", ".join(p for p in parts if "alignment" not in p) or "EMA codebooks (default)"
+    return scheme, align.replace("normalised alignment", "alignment (normalised)")
+
+
 def plot(out: Path) -> None:
+    """One panel per (protocol, seed, codebook scheme): utilisation per level over the test rows,
+    with vs without alignment."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = []
+    panels: dict[str, dict[str, list[float]]] = {}
     for results in (json.loads(p.read_text()) for p in sorted(out.glob("results-*.json"))):
         for name, run in results["runs"].items():
             if "codebook" in run:
-                series.append((f"{name} [{results['protocol']}, seed {results['seed']}]", run["codebook"]["evaluation_set"]["utilisation"]))
-    if not series:
+                scheme, align = _scheme_and_alignment(name)
+                panels.setdefault(f"{results['protocol']}, seed {results['seed']}\n{scheme}", {})[align] = \
+                    run["codebook"]["evaluation_set"]["utilisation"]
+    if not panels:
         return
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / len(series)
-    for i, (label, values) in enumerate(series):
-        ax.bar(np.arange(len(values)) + i * width, [100 * v for v in values], width, label=label)
-    levels = len(series[0][1])
-    ax.set_xticks(np.arange(levels) + 0.4 - width / 2, [f"level {l + 1}" for l in range(levels)])
-    ax.set_ylabel("codebook utilisation over test rows (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("TARQ codebook utilisation, with vs without alignment — ML-1M (users 1–2999)")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "utilisation.png", dpi=120)
+    order = ["no alignment", "alignment (official)", "alignment (normalised)"]
+    colours = dict(zip(order, ["tab:gray", "tab:blue", "tab:orange"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, (title, bars) in zip(axes[0], panels.items()):
+        present = [a for a in order if a in bars]
+        width = 0.8 / len(present)
+        for i, align in enumerate(present):
+            values = bars[align]
+            ax.bar(np.arange(len(values)) + i * width, [100 * v for v in values], width, label=align, color=colours[align])
+        ax.set_xticks(np.arange(len(values)) + 0.4 - width / 2, [f"level {l + 1}" for l in range(len(values))])
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, 105)
+    axes[0][0].set_ylabel("codebook utilisation over test rows (%)")
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle("TARQ codebook utilisation (K = 64), with vs without alignment — ML-1M (users 1–2999)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(out / "utilisation.png", dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
