@@ -19,6 +19,7 @@ SMALL = {
     "din": {"hidden": [32, 16], "attention_hidden": [16]},
     "ranktower": {"heads": 2, "head_dim": 8, "hidden": [16], "attention_heads": 2},
     "fit": {"hidden": [32, 16], "num_meta": 4, "attention_hidden": [8], "user_heads": 2, "item_heads": 3, "head_dim": 8},
+    "tarq": {"hidden": [32, 16], "levels": 2, "codebook_size": 8},
 }
 
 
