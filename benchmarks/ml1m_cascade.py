@@ -10,7 +10,12 @@ AUC / log loss, for each (model, objective) variant.
 
 A variant is MODEL:OBJECTIVE with OBJECTIVE one of `pointwise` (the ordinary BCE trainer on the
 sample table), `hybrid` (the hybrid loss on cascade lists) or `-distill` / `-fine` / `-coarse`
-(the hybrid loss without that term). Any registered model works (e.g. `inttower:hybrid`).
+(the hybrid loss without that term) or `listnet` (graded softmax CE over the whole list alone). Any registered model works (e.g. `inttower:hybrid`).
+LT-TTD variants are `lttd:joint@KD` / `lttd:disjoint@KD` (its own losses, mode joint or disjoint,
+lambda_KD = KD; `lttd:joint-noattn@KD` without attention across the list); they add the two-level view (`prerank.train.two_stage`): Recall@k of the
+two-tower stage (k = `--two-tower-k`), the final list of the pipeline, latency and UPQE, which
+the listwise variants of other models get too (as one-stage pre-rankers). With `--lttd-plot`
+the script also plots two-tower-stage recall against lambda_KD, joint vs disjoint.
 `--checkpoint two_tower=runs/tt/checkpoint.pt` evaluates an existing pointwise run instead of
 training one. `--teacher` is a `prerank train --model din` checkpoint; `--cascade` is built from it (with the
 default `CascadeConfig`) when the file does not exist. Each variant is written to OUT/runs/ as it
@@ -31,15 +36,41 @@ from prerank.train.checkpoint import load_checkpoint
 from prerank.train.listwise import ListwiseTrainer, list_report, score_lists
 from prerank.train.losses import HybridLossConfig
 from prerank.train.run import write_json_atomic
+from prerank.train.two_stage import single_stage_report, two_stage_report
 from prerank.train.trainer import Trainer, TrainConfig, evaluate
 
-ABLATIONS = {"hybrid": {}, "-distill": {"distill_weight": 0.0}, "-fine": {"fine_weight": 0.0}, "-coarse": {"coarse_weight": 0.0}}
+ABLATIONS = {"hybrid": {}, "-distill": {"distill_weight": 0.0}, "-fine": {"fine_weight": 0.0}, "-coarse": {"coarse_weight": 0.0},
+             # graded softmax CE over the whole list alone: the ranking loss LT-TTD's transformer gets
+             "listnet": {"distill_weight": 0.0, "coarse_weight": 0.0, "fine_min_stage": 0}}
 COLUMNS = ["ndcg@10", "ndcg@50", "ndcg@100", "recall@10", "recall@50", "recall@100",
            "teacher_ndcg@10", "teacher_recall@10", "teacher_recall@50", "teacher_recall@100"]
 
 
+def run_lttd(variant: str, objective: str, data, cascade, args) -> dict:
+    """LT-TTD, mode joint or disjoint at lambda_KD, through `run_training` (which picks the mode)."""
+    from prerank.train.run import train_and_evaluate
+
+    mode, _, kd = objective.partition("@")
+    mode, _, ablation = mode.partition("-")
+    if mode not in ("joint", "disjoint") or ablation not in ("", "noattn"):
+        raise SystemExit(f"unknown LT-TTD objective {objective!r} in {variant!r}; use joint@KD, disjoint@KD or joint-noattn@KD")
+    overrides = {"mode": mode, "kd_weight": float(kd or 0.5), **({"list_attention": False} if ablation else {})}
+    config = TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed, batch_size=args.list_batch_size,
+                         num_threads=args.threads, progress=True)
+    metrics, model = train_and_evaluate(data, "lttd", config, overrides, cascade=cascade)
+    if args.two_tower_k != 50:  # run_training reports the two-level view at k = 50
+        metrics["test_two_stage"] = two_stage_report(model, data, cascade.lists("test"), args.two_tower_k)
+    return {"variant": variant, "model": "lttd", "objective": objective, "loss_config": None, "model_overrides": overrides,
+            "test_lists": metrics["test_lists"], "test_pointwise": metrics["test"], "test_two_stage": metrics["test_two_stage"],
+            "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
+            "seconds_per_epoch": metrics["seconds_per_epoch"], "num_parameters": metrics["num_parameters"],
+            "model_config": metrics["model_config"], "history": metrics["history"]}
+
+
 def run_variant(variant: str, data, cascade, args) -> dict:
     model_name, objective = variant.split(":", 1)
+    if model_name == "lttd":
+        return run_lttd(variant, objective, data, cascade, args)
     if objective != "pointwise" and objective not in ABLATIONS:
         raise SystemExit(f"unknown objective {objective!r} in {variant!r}; choose pointwise or {sorted(ABLATIONS)}")
     import torch
@@ -69,6 +100,7 @@ def run_variant(variant: str, data, cascade, args) -> dict:
         "variant": variant, "model": model_name, "objective": objective,
         "loss_config": loss_config.__dict__ if loss_config else None,
         "test_lists": list_report(score_lists(model, data, cascade.lists("test")), cascade.lists("test")),
+        "test_two_stage": single_stage_report(model, data, cascade.lists("test"), args.two_tower_k),
         "test_pointwise": evaluate(model, data.test),
         "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),
         "seconds_per_epoch": trainer.seconds_per_epoch, "num_parameters": model.num_parameters(),
@@ -84,6 +116,47 @@ def summarise(results: list[dict], meta: dict) -> str:
         lines.append(f"| {r['variant']} | " + " | ".join(f"{lists[c]:.4f}" for c in COLUMNS)
                      + f" | {point['auc']:.4f} | {point['logloss']:.4f} | {r['epochs_run']} | {r['seconds_per_epoch']:.1f} |")
     return "\n".join(lines)
+
+
+def summarise_two_level(results: list[dict], k: int) -> str:
+    """The LT-TTD view: first-stage recall, final list, latency, UPQE (rows that have it)."""
+    head = (f"| variant | first-stage Recall@{k} | final NDCG@10 | final Recall@10 | full-list NDCG@10 | "
+            "full-list Recall@10 | latency ms/request | UPQE |")
+    lines = [head, "|" + "---|" * 8]
+    for r in results:
+        t = r.get("test_two_stage")
+        if not t:
+            continue
+        two_level = "tte_recall@" + str(k) in t
+        first = t[f"tte_recall@{k}"] if two_level else t["full_list"][f"recall@{k}"]
+        final_ndcg = t["pipeline_ndcg@10"] if two_level else t["full_list"]["ndcg@10"]
+        final_recall = t["pipeline_recall@10"] if two_level else t["full_list"]["recall@10"]
+        lines.append(f"| {r['variant']} | {first:.4f} | {final_ndcg:.4f} | {final_recall:.4f} | {t['full_list']['ndcg@10']:.4f} | "
+                     f"{t['full_list']['recall@10']:.4f} | {t['upqe_latency_ms']:.2f} | {t['upqe']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot_kd_sweep(results: list[dict], k: int, path: Path, label: str) -> None:
+    """Two-tower-stage Recall@k against lambda_KD, joint vs disjoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for mode, style in (("joint", "o-"), ("disjoint", "s--")):
+        points = sorted((float(r["objective"].partition("@")[2] or 0.5), r["test_two_stage"][f"tte_recall@{k}"])
+                        for r in results if r["model"] == "lttd" and r["objective"].partition("@")[0] == mode)
+        if points:
+            ax.plot(*zip(*points), style, label=f"LT-TTD {mode}")
+    ax.set_xlabel("λ_KD (distillation strength)")
+    ax.set_ylabel(f"relevant items surviving the two-tower stage (Recall@{k})")
+    ax.set_title(f"Two-tower stage recall vs λ_KD, {label}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -102,6 +175,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--two-tower-k", type=int, default=50, help="k of the two-tower stage in the two-level view")
+    parser.add_argument("--title", default="Cascade requests", help="heading of summary.md")
+    parser.add_argument("--lttd-plot", action="store_true", help="plot two-tower-stage recall vs lambda_KD")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     args.checkpoints = dict(pair.split("=", 1) for pair in args.checkpoint)
@@ -146,14 +222,19 @@ def main() -> None:
             "seed": args.seed, "epochs": args.epochs}
     write_json_atomic(out / "results.json", {"meta": meta, "results": results})
     label = data.meta.get("dataset_label")
-    text = (f"# Cascade requests, {label}\n\nTest requests of the simulated cascade ({cascade.meta['config']}), "
+    text = (f"# {args.title}, {label}\n\nTest requests of the simulated cascade ({cascade.meta['config']}), "
             f"teacher `{cascade.meta['teacher']}`, retriever `{cascade.meta['retriever']}`, seed {args.seed}, "
             f"at most {args.epochs} epochs. Recall/NDCG against the real positive interactions (graded); "
             f"`teacher_*` against the teacher's top-K of the same list. Pointwise AUC/log loss on the test sample table "
             f"(listwise-trained models are not calibrated, so their log loss is not comparable).\n\n"
             f"{summarise(results, meta)}\n")
+    if any(r.get("test_two_stage") for r in results):
+        text += (f"\n## Two-level view (first stage top-{args.two_tower_k}, final list, latency, UPQE)\n\n"
+                 f"{summarise_two_level(results, args.two_tower_k)}\n")
+    if args.lttd_plot:
+        plot_kd_sweep(results, args.two_tower_k, out / "kd_sweep.png", label)
     (out / "summary.md").write_text(text)
-    print(summarise(results, meta))
+    print(text)
 
 
 if __name__ == "__main__":
