@@ -132,6 +132,8 @@ class FieldPoolingEncoder(nn.Module):
         n, e, h = fields.num_fields, fields.embed_dim, c.field_hidden
         self.field_weight = nn.Parameter(torch.empty(n, e, h))
         self.field_bias = nn.Parameter(torch.zeros(n, h))
+        # nn.Linear's default init with the fan-in of all fields together (bound 1/sqrt(F e)): the
+        # per-field states then start at the scale of one Linear over the flattened fields.
         nn.init.kaiming_uniform_(self.field_weight.view(n * e, h).T, a=math.sqrt(5))
         self.dense = nn.Linear(fields.num_dense, h) if fields.num_dense else None
         self.act = ACTIVATIONS[c.activation]()

@@ -38,11 +38,20 @@ def fit_disjoint(model: PreRankModel, config: TrainConfig, data: PreparedData, t
                  out_dir: Path | None = None) -> tuple[ListwiseTrainer, ListwiseTrainer]:
     """Phase 1: the TTE alone on L_ret. Phase 2: the TTE frozen, the LT (and the residual
     extractors, which feed only the LT) on L_rank (+ lambda_KD w_up L_up). Returns both trainers."""
-    frozen = model.two_tower_parameters()
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    frozen = [p for p in model.two_tower_parameters() if trainable[p]]
+    tte = {id(p) for p in frozen}
+    rest = [p for p in model.parameters() if id(p) not in tte and trainable[p]]
     try:
+        # Each phase freezes what it does not train, so the optimiser (and DDP, which expects a
+        # gradient for every trainable parameter) sees only that phase's parameters.
+        for p in rest:
+            p.requires_grad_(False)
         model.training_stage = "two_tower"
         first = ListwiseTrainer(model, config, NO_HYBRID)
         first.fit_lists(data, train, valid, out_dir=Path(out_dir) / "phase1_two_tower" if out_dir else None)
+        for p in rest:
+            p.requires_grad_(True)
         for p in frozen:
             p.requires_grad_(False)
         model.training_stage = "transformer"
@@ -50,8 +59,8 @@ def fit_disjoint(model: PreRankModel, config: TrainConfig, data: PreparedData, t
         second.fit_lists(data, train, valid, out_dir=Path(out_dir) / "phase2_transformer" if out_dir else None)
     finally:
         model.training_stage = "both"
-        for p in frozen:
-            p.requires_grad_(True)
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
     return first, second
 
 
