@@ -18,6 +18,8 @@ SMALL = {
     "cold": {"hidden": [32, 16]},
     "din": {"hidden": [32, 16], "attention_hidden": [16]},
     "ranktower": {"heads": 2, "head_dim": 8, "hidden": [16], "attention_heads": 2},
+    "lttd": {"dim": 16, "field_hidden": 16, "tower_hidden": [16], "residual_dim": 4, "residual_hidden": [16],
+             "model_dim": 16, "heads": 2, "feedforward": 32, "layers": 1},
     "fit": {"hidden": [32, 16], "num_meta": 4, "attention_hidden": [8], "user_heads": 2, "item_heads": 3, "head_dim": 8},
     "tarq": {"hidden": [32, 16], "levels": 2, "codebook_size": 8},
 }

@@ -71,3 +71,30 @@ def test_ndcg_matches_sklearn_for_binary_relevance():
     relevance[:, 0] = 1  # every request has a relevant item
     for k in (5, 10, 50):
         assert ndcg_at_k(scores, relevance, k) == pytest.approx(ndcg_score(relevance, scores, k=k))
+
+
+def test_upqe_by_hand_and_its_reported_inputs():
+    from prerank.metrics import upqe, upqe_report
+
+    # Eff = 1 / (1 + 5 / 5) = 0.5; equal weights: (0.5 * 0.2 * 0.5) ** (1/3) = 0.05 ** (1/3).
+    assert upqe(0.5, 0.2, 5.0, 5.0) == pytest.approx(0.368403149864, rel=1e-9)
+    # Weights pick the qualities: no efficiency weight -> sqrt(0.5 * 0.2); all on recall -> recall.
+    assert upqe(0.5, 0.2, 5.0, 5.0, weights=(0.5, 0.5, 0.0)) == pytest.approx(0.316227766017, rel=1e-9)
+    assert upqe(0.5, 0.2, 123.0, 5.0, weights=(1.0, 0.0, 0.0)) == pytest.approx(0.5)
+    # Zero latency costs nothing (Eff = 1); Eff = 1 / (1 + 15 / 5) = 0.25 at three times the reference.
+    assert upqe(0.8, 0.8, 0.0) == pytest.approx(0.64 ** (1 / 3))
+    report = upqe_report(0.9, 0.3, 15.0, 5.0)
+    assert report["upqe_efficiency"] == pytest.approx(0.25)
+    assert report["upqe"] == pytest.approx((0.9 * 0.3 * 0.25) ** (1 / 3))
+    assert (report["upqe_retrieval_recall"], report["upqe_ranking_ndcg"], report["upqe_latency_ms"]) == (0.9, 0.3, 15.0)
+
+
+def test_upqe_rejects_bad_input():
+    from prerank.metrics import upqe
+
+    with pytest.raises(ValueError, match="summing to 1"):
+        upqe(0.5, 0.5, 1.0, weights=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="retrieval_recall"):
+        upqe(1.5, 0.5, 1.0)
+    with pytest.raises(ValueError, match="latency"):
+        upqe(0.5, 0.5, -1.0)

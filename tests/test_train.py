@@ -16,7 +16,10 @@ def train_loss(model, table):
 TRAIN_SMALL = {"din": {"epochs": 4, "patience": 4, "lr": 1e-2, "batch_size": 128}}
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+# Listwise models (LT-TTD) train on cascade lists with their own losses, which vanish on lists of
+# one row; their learning test is tests/test_lttd.py (pointwise BCE alone does not move LT-TTD's
+# score on this tiny data in one epoch).
+@pytest.mark.parametrize("name", sorted(n for n in REGISTRY if not REGISTRY[n].listwise))
 def test_one_epoch_lowers_the_loss(name, small_data):
     torch.manual_seed(0)
     model = create_model(name, small_data.schema, SMALL.get(name, {}))

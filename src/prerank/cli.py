@@ -104,7 +104,8 @@ def train(
             unknown = sorted(set(loss_overrides) - set(HybridLossConfig.__dataclass_fields__))
             if unknown:
                 raise ValueError(f"--hybrid: unknown key(s) {unknown}; known: {sorted(HybridLossConfig.__dataclass_fields__)}")
-            lists, loss = load_cascade(cascade), HybridLossConfig(**loss_overrides)
+            # No --hybrid: the default hybrid loss, or a model's own list losses (lttd).
+            lists, loss = load_cascade(cascade), (HybridLossConfig(**loss_overrides) if loss_overrides else None)
         elif hybrid:
             raise ValueError("--hybrid sets the hybrid loss of --cascade training; give --cascade too")
         metrics = run_training(data, model, train_config, parse_overrides(set_), out, source, lists, loss)

@@ -3,6 +3,7 @@
 Pointwise: AUC, GAUC (per-user AUC weighted by impressions, as in DIN and COLD), log loss,
 RelaImpr (DIN: ((AUC_model - 0.5) / (AUC_base - 0.5) - 1) * 100%).
 Listwise, over per-request candidate lists: Recall@K and NDCG@K with graded relevance.
+Unified two-level architectures: UPQE (LT-TTD), in the proposed form of the design notes (below).
 All take numpy arrays; the tests check them against scikit-learn and hand-computed cases.
 """
 
@@ -120,3 +121,39 @@ def pointwise_report(labels, probabilities, groups) -> dict[str, float]:
         "logloss": logloss(labels, probabilities),
         "rows": int(len(np.asarray(labels).reshape(-1))),
     }
+
+
+def upqe(retrieval_recall: float, ranking_ndcg: float, latency_ms: float, latency_ref_ms: float = 5.0,
+         weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)) -> float:
+    """UPQE, the Unified Performance-Quality-Efficiency metric of LT-TTD (Abraich, arXiv 2505.04434).
+
+    The paper's formula is not public; this is the design notes' proposal (§3.3, [I]), the
+    weighted geometric mean of the three qualities the abstract names:
+
+        UPQE = RetQ^w1 * RankQ^w2 * Eff^w3,   w1 + w2 + w3 = 1
+        RetQ = recall of the relevant items surviving the retrieval (two-tower) stage
+        RankQ = NDCG@k of the final list
+        Eff = 1 / (1 + latency / latency_ref)      (1 at zero cost, 1/2 at the reference latency)
+
+    `latency_ref_ms` 5 ms stands for the pre-ranking budget of a few milliseconds. Report the three
+    inputs beside it (`upqe_report`): the product hides which one moved.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (3,) or (w < 0).any() or not np.isclose(w.sum(), 1.0):
+        raise ValueError(f"UPQE weights must be three non-negative numbers summing to 1, got {tuple(weights)}")
+    for name, value in (("retrieval_recall", retrieval_recall), ("ranking_ndcg", ranking_ndcg)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"UPQE {name} must lie in [0, 1], got {value}")
+    if latency_ms < 0 or latency_ref_ms <= 0:
+        raise ValueError(f"UPQE needs latency >= 0 and latency_ref > 0, got {latency_ms} and {latency_ref_ms}")
+    efficiency = 1.0 / (1.0 + latency_ms / latency_ref_ms)
+    return float(retrieval_recall ** w[0] * ranking_ndcg ** w[1] * efficiency ** w[2])
+
+
+def upqe_report(retrieval_recall: float, ranking_ndcg: float, latency_ms: float, latency_ref_ms: float = 5.0,
+                weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)) -> dict[str, float]:
+    """UPQE with its inputs, each reported on its own."""
+    return {"upqe": upqe(retrieval_recall, ranking_ndcg, latency_ms, latency_ref_ms, weights),
+            "upqe_retrieval_recall": float(retrieval_recall), "upqe_ranking_ndcg": float(ranking_ndcg),
+            "upqe_latency_ms": float(latency_ms), "upqe_efficiency": 1.0 / (1.0 + latency_ms / latency_ref_ms),
+            "upqe_latency_ref_ms": float(latency_ref_ms)}

@@ -75,7 +75,9 @@ def score_lists(model: PreRankModel, data: PreparedData, lists: CascadeLists, ba
     for lo in range(0, len(lists), batch_size):
         user_state = model.encode_user({f.name: users[f.name][lo : lo + batch_size] for f in model.schema.user_features})
         rows = torch.from_numpy(lists.item_rows[lo : lo + batch_size])
-        out.append(model.score(user_state, gather_items(table, rows)).float().numpy())
+        # A listwise scorer mixes candidates inside `score`: it must not see the lists' padding.
+        extra = {"mask": torch.from_numpy(lists.mask[lo : lo + batch_size])} if model.listwise else {}
+        out.append(model.score(user_state, gather_items(table, rows), **extra).float().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, lists.item_rows.shape[1]), np.float32)
 

@@ -12,6 +12,7 @@ from prerank.models.base import PreRankModel, config_to_dict, create_model
 from prerank.train import distributed
 from prerank.train.checkpoint import save_checkpoint
 from prerank.train.listwise import ListwiseTrainer, evaluate_lists
+from prerank.train.two_stage import NO_HYBRID, fit_disjoint, two_stage_report
 from prerank.train.losses import HybridLossConfig
 from prerank.train.trainer import Trainer, TrainConfig, evaluate, seed_everything
 
@@ -64,8 +65,15 @@ def train_and_evaluate(
         trainer.fit(data.train, data.valid, out_dir=out_dir, checkpoint_extra=extra)
     else:
         check_cascade_matches(cascade, data)
-        trainer = ListwiseTrainer(model, train_config, hybrid)
-        trainer.fit_lists(data, cascade.lists("train"), cascade.lists("valid"), out_dir=out_dir)
+        if getattr(model, "own_list_objective", False) and hybrid is None:
+            # LT-TTD brings its own list losses (auxiliary); the hybrid loss is added only on request.
+            hybrid = NO_HYBRID
+        if getattr(model.config, "mode", None) == "disjoint":
+            # LT-TTD's disjoint baseline: the two-tower alone, frozen, then the transformer.
+            _, trainer = fit_disjoint(model, train_config, data, cascade.lists("train"), cascade.lists("valid"), out_dir)
+        else:
+            trainer = ListwiseTrainer(model, train_config, hybrid)
+            trainer.fit_lists(data, cascade.lists("train"), cascade.lists("valid"), out_dir=out_dir)
         if out_dir is not None and distributed.context().is_main:
             extra.update(epoch=trainer.best_epoch, valid_ndcg10=trainer.best_valid, cascade=cascade.meta,
                          hybrid_loss=asdict(trainer.loss_config))
@@ -100,6 +108,9 @@ def train_and_evaluate(
     if cascade is not None:
         metrics["objective"] = {"hybrid": asdict(trainer.loss_config), "cascade": cascade.meta}
         metrics["test_lists"] = evaluate_lists(model, data, cascade.lists("test"))
+        if hasattr(model, "two_tower_logits"):
+            # A two-level model (LT-TTD): its two-tower stage, the pipeline's final list and UPQE.
+            metrics["test_two_stage"] = two_stage_report(model, data, cascade.lists("test"))
     if data.meta.get("note"):
         metrics["note"] = data.meta["note"]
     if out_dir is not None and distributed.context().is_main:
