@@ -15,22 +15,9 @@ from prerank.data.table import GRADE, ITEM_ROW, LABEL
 from prerank.models import create_model
 from prerank.train.listwise import ListwiseTrainer, evaluate_lists
 from prerank.train.losses import HybridLossConfig
-from prerank.train.trainer import Trainer, TrainConfig
+from prerank.train.trainer import TrainConfig
 
-CONFIG = CascadeConfig(retrieval_size=20, random_items=5, prerank_size=8, exposure_size=3, window=4)
-
-
-@pytest.fixture(scope="module")
-def teacher(small_data):
-    torch.manual_seed(0)
-    model = create_model("din", small_data.schema, {"hidden": [16], "attention_hidden": [8]})
-    Trainer(model, TrainConfig(epochs=15, patience=15, lr=1e-2, batch_size=128, progress=False)).fit(small_data.train, small_data.valid)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def cascade(small_data, teacher):
-    return build_cascade(small_data, teacher, CONFIG)
+from tests.conftest import CASCADE_CONFIG as CONFIG
 
 
 def per_request(cascade, split):

@@ -8,25 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prerank.cascade import CascadeConfig, build_cascade
 from prerank.models import create_model
 from prerank.models.base import gather_items
 from prerank.models.lttd import list_kl, sampled_softmax_loss
 from prerank.train.listwise import ListBatches, ListwiseTrainer, evaluate_lists, score_lists
 from prerank.train.run import train_and_evaluate
-from prerank.train.trainer import Trainer, TrainConfig
+from prerank.train.trainer import TrainConfig
 from prerank.train.two_stage import NO_HYBRID, fit_disjoint, score_two_stage, two_stage_report
 from tests.test_contract import SMALL
-
-CONFIG = CascadeConfig(retrieval_size=20, random_items=5, prerank_size=8, exposure_size=3, window=4)
-
-
-@pytest.fixture(scope="module")
-def cascade(small_data):
-    torch.manual_seed(0)
-    teacher = create_model("din", small_data.schema, {"hidden": [16], "attention_hidden": [8]})
-    Trainer(teacher, TrainConfig(epochs=15, patience=15, lr=1e-2, batch_size=128, progress=False)).fit(small_data.train, small_data.valid)
-    return build_cascade(small_data, teacher.eval(), CONFIG)
 
 
 def build(small_data, seed=0, **overrides):
