@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from prerank.cascade import (EXPOSED, PRERANKED, RANDOM, RETRIEVED, CascadeConfig, build_cascade, form_requests,
-                             load_cascade, save_cascade)
-from prerank.data.table import GRADE, ITEM_ROW, LABEL
+from prerank.cascade import (EXPOSED, PRERANKED, RANDOM, RETRIEVED, CascadeConfig, build_cascade,
+                             check_cascade_matches, form_requests, load_cascade, save_cascade)
+from prerank.data.table import GRADE, ITEM_ROW, LABEL, DataError
 from prerank.models import create_model
 from prerank.train.listwise import ListwiseTrainer, evaluate_lists
 from prerank.train.losses import HybridLossConfig
@@ -102,9 +102,6 @@ def test_parquet_round_trip_and_clear_errors(cascade, tmp_path):
 
 def test_a_cascade_of_other_data_is_refused(small_data, cascade):
     from dataclasses import replace
-
-    from prerank.data.table import DataError
-    from prerank.train.run import check_cascade_matches
 
     check_cascade_matches(cascade, small_data)
     other = replace(cascade, meta={**cascade.meta, "catalogue_items": cascade.meta["catalogue_items"] + 1})

@@ -154,9 +154,8 @@ def run_cell(config: BenchmarkConfig, variant: str, seed: int) -> dict:
                                                 config.candidates, config.latency_repeats, seed)
     result["item_state_bytes"] = item_state_bytes(item_table)
     if config.cascade:
-        from prerank.cascade import load_cascade
+        from prerank.cascade import check_cascade_matches, load_cascade
         from prerank.train.listwise import evaluate_lists
-        from prerank.train.run import check_cascade_matches
 
         cascade = load_cascade(Path(config.cascade))
         check_cascade_matches(cascade, data)

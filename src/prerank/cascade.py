@@ -47,7 +47,7 @@ import torch
 
 from prerank.atomic import atomic_path
 from prerank.data.schema import FIRST_KNOWN_INDEX, PAD_INDEX
-from prerank.data.table import GRADE, ITEM_ROW, LABEL, TIMESTAMP, PreparedData, SampleTable
+from prerank.data.table import GRADE, ITEM_ROW, LABEL, TIMESTAMP, DataError, PreparedData, SampleTable
 from prerank.models.base import PreRankModel, gather_items
 
 SPLITS = ("train", "valid", "test")
@@ -378,6 +378,15 @@ def save_cascade(cascade: Cascade, path: Path) -> None:
     table = pa.table(cascade.columns).replace_schema_metadata({"prerank.cascade": json.dumps(cascade.meta)})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def check_cascade_matches(cascade: Cascade, data: PreparedData) -> None:
+    """A cascade indexes the catalogue and the split tables of the data it was built on."""
+    built_on = (cascade.meta.get("dataset"), cascade.meta.get("protocol"), cascade.meta.get("catalogue_items"))
+    here = (data.meta.get("dataset"), data.meta.get("protocol"), len(data.item_raw_ids))
+    if built_on != here:
+        raise DataError(f"the cascade was built on (dataset, protocol, items) = {built_on}, but the training data are {here}; "
+                        "rebuild it with `prerank cascade build` on the same data")
 
 
 def load_cascade(path: Path) -> Cascade:

@@ -6,16 +6,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prerank.atomic import write_json_atomic
-from prerank.cascade import Cascade
-from prerank.data.table import DataError, PreparedData
+from prerank.cascade import Cascade, check_cascade_matches
+from prerank.data.table import PreparedData
 from prerank.models.base import PreRankModel, config_to_dict, create_model
 from prerank.train import distributed
 from prerank.train.checkpoint import save_checkpoint
 from prerank.train.listwise import ListwiseTrainer, evaluate_lists
-from prerank.train.two_stage import NO_HYBRID, fit_disjoint, two_stage_report
 from prerank.train.losses import HybridLossConfig
+from prerank.train.two_stage import NO_HYBRID, fit_disjoint, two_stage_report
 from prerank.train.trainer import Trainer, TrainConfig, evaluate, seed_everything
-
 
 
 def run_training(
@@ -35,15 +34,6 @@ def run_training(
     request lists with the hybrid loss (`hybrid`, see `prerank.train.listwise`), early-stops on
     validation NDCG@10, and the metrics add the test lists' Recall@K / NDCG@K."""
     return train_and_evaluate(data, model_name, train_config, model_overrides, out_dir, data_source, cascade, hybrid)[0]
-
-
-def check_cascade_matches(cascade: Cascade, data: PreparedData) -> None:
-    """A cascade indexes the catalogue and the split tables of the data it was built on."""
-    built_on = (cascade.meta.get("dataset"), cascade.meta.get("protocol"), cascade.meta.get("catalogue_items"))
-    here = (data.meta.get("dataset"), data.meta.get("protocol"), len(data.item_raw_ids))
-    if built_on != here:
-        raise DataError(f"the cascade was built on (dataset, protocol, items) = {built_on}, but the training data are {here}; "
-                        "rebuild it with `prerank cascade build` on the same data")
 
 
 def train_and_evaluate(
