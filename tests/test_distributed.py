@@ -126,7 +126,11 @@ def test_listwise_training_matches_one_process(two_process_run):
             # The list losses are invariant to shifting every logit, so the output bias's gradient
             # is rounding noise, which Adam scales up to full steps of either sign.
             continue
-        torch.testing.assert_close(parallel["state_dict"][key], value, atol=1e-4, rtol=1e-3)
+        # The same holds, weaker, for single coordinates whose gradient cancels to ~1e-9, below
+        # Adam's eps (1e-8) (e.g. a user-id embedding row that two requests pull in opposite ways):
+        # the all-reduce sums in another order, and Adam turns that rounding into up to a tenth of
+        # a step (lr 3e-3) per update; 1e-3 stays under one step, so a real divergence still fails.
+        torch.testing.assert_close(parallel["state_dict"][key], value, atol=1e-3, rtol=1e-3)
 
 
 def test_evaluation_uses_rank_0s_batchnorm_statistics(two_process_run):

@@ -30,7 +30,7 @@ def fit(schema, seed=0, **overrides):
     return create_model("fit", schema, {**SMALL, **overrides})
 
 
-def test_hard_path_serves_from_one_meta_index_per_item(small_data, small_batch):
+def test_hard_path_serves_the_argmax_of_the_stored_selection_logits(small_data, small_batch):
     batch, item_rows = small_batch
     model = fit(small_data.schema).eval()
     with torch.no_grad():
@@ -38,8 +38,8 @@ def test_hard_path_serves_from_one_meta_index_per_item(small_data, small_batch):
         table = model.encode_catalogue(small_data.items.to_tensors(), batch_size=7)
         user_state = model.encode_user(model.user_inputs(batch))
         served = model.score(user_state, gather_items(table, torch.as_tensor(item_rows)[:, None]))
-    # The item state is the item heads plus one integer; the user state holds all N meta queries.
-    assert set(table) == {"heads", "meta_index"} and table["meta_index"].dtype == torch.int32
+    # The item state is the item heads plus the selection logits; the user state holds all N meta queries.
+    assert set(table) == {"heads", "selection_logits"} and table["selection_logits"].shape == (len(small_data.item_raw_ids), 4)
     assert table["heads"].shape == (len(small_data.item_raw_ids), 3, 8)
     assert user_state["heads"].shape == (len(item_rows), 4, 2, 8)
     torch.testing.assert_close(served, expected, atol=1e-6, rtol=1e-6)
@@ -48,7 +48,7 @@ def test_hard_path_serves_from_one_meta_index_per_item(small_data, small_batch):
         fields = model.towers.user_fields(model.user_inputs(batch)).flat()
         ids = batch["hist_items"]
         behaviours = model.towers.embeddings.lookup(model.sequence, ids)
-        meta_index = table["meta_index"][torch.as_tensor(item_rows)].long()
+        meta_index = model.meta_index(table)[torch.as_tensor(item_rows)]
         own_query = model.query_group()[meta_index].unsqueeze(1)  # [B, 1, D]
         heads = model._conditioned_user_heads(fields, behaviours, ids != 0, own_query)
         by_hand = model.lss(torch.einsum("bnhp,bngp->bnhg", heads, table["heads"][torch.as_tensor(item_rows)].unsqueeze(1)))
@@ -95,9 +95,9 @@ def test_soft_selection_converges_to_the_hard_path_as_temperature_falls(small_da
             model.meta.mul_(50.0)  # spread the selection logits so a moderate τ already separates them
             hard = model.eval()(batch).logits
             items = model.item_inputs(batch)
-            hard_index = model.encode_items(items)["meta_index"].long()
+            hard_index = model.meta_index(model.encode_items(items))
             soft = model.train()(batch).logits
-            weights = model.encode_items(items)["meta_weights"]
+            weights = (model.encode_items(items)["selection_logits"] / model.temperature()).softmax(-1)
         gaps[tau] = (soft - hard).abs().max().item()
         if tau == 1e-7:
             torch.testing.assert_close(weights, F.one_hot(hard_index, 4).float())
@@ -156,14 +156,14 @@ def test_each_variant_trains_a_step_and_keeps_parity(small_data, small_batch, ab
         assert table["heads"].shape[1:] == (1, 16)  # Two-Tower's head: the whole normalised vector
 
 
-def test_storage_per_item_matches_two_tower_at_default_sizes(small_data):
+def test_storage_per_item_is_the_item_heads_plus_the_selection_logits(small_data):
     model = create_model("fit", small_data.schema).eval()
     two_tower = create_model("two_tower", small_data.schema).eval()
     items = {k: v[:5] for k, v in small_data.items.to_tensors().items()}
     with torch.no_grad():
         fit_state, tt_state = model.encode_items(items), two_tower.encode_items(items)
     per_item = sum(v[0].numel() * v.element_size() for v in fit_state.values())
-    assert per_item == 4 * 32 * 4 + 4  # H_v·p float32 + one int32
+    assert per_item == 4 * 32 * 4 + 16 * 4  # H_v·p float32 + num_meta float32 (the same state in training and serving)
     assert sum(v[0].numel() * v.element_size() for v in tt_state.values()) == 128 * 4
 
 

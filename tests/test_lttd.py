@@ -13,8 +13,9 @@ from prerank.models.base import gather_items
 from prerank.models.lttd import list_kl, sampled_softmax_loss
 from prerank.train.listwise import ListBatches, ListwiseTrainer, evaluate_lists, score_lists
 from prerank.train.run import train_and_evaluate
-from prerank.train.trainer import TrainConfig
-from prerank.train.two_stage import NO_HYBRID, fit_disjoint, score_two_stage, two_stage_report
+from prerank.train.losses import NO_HYBRID
+from prerank.train.trainer import TrainConfig, fit_plan
+from prerank.train.two_stage import score_two_stage, two_stage_report
 from tests.test_contract import SMALL
 
 
@@ -62,15 +63,15 @@ def test_padding_is_invisible_to_valid_candidates(small_data):
     torch.testing.assert_close(model.score(user_state, gather_items(table, other), mask=mask)[0, :6], padded[0, :6], atol=1e-5, rtol=1e-5)
 
 
-def test_two_tower_logits_are_the_scaled_similarity_and_pointwise(small_data):
+def test_coarse_score_is_the_scaled_similarity_and_pointwise(small_data):
     model = build(small_data).eval()
     with torch.no_grad():
         user_state, table, rows = request_states(model, small_data)
         items = gather_items(table, rows)
-        logits = model.two_tower_logits(user_state, items)
+        logits = model.coarse_score(user_state, items)
         cosine = F.cosine_similarity(user_state["vector"].unsqueeze(1), items["vector"], dim=-1)
         torch.testing.assert_close(logits, cosine * math.exp(model.log_inv_temperature.item()) + model.bias, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.two_tower_logits(user_state, gather_items(table, rows[:, :1])), logits[:, :1])
+        torch.testing.assert_close(model.coarse_score(user_state, gather_items(table, rows[:, :1])), logits[:, :1])
 
 
 def test_sampled_softmax_by_hand():
@@ -130,7 +131,7 @@ def test_auxiliary_losses_are_the_weighted_terms(small_data, cascade):
     user_state = model.encode_user(model.user_inputs(batch))
     item_state = model.encode_item_lists(model.item_inputs(batch))
     mask, relevance = batch["mask"].bool(), batch["relevance"]
-    tte = model.two_tower_logits(user_state, item_state)
+    tte = model.coarse_score(user_state, item_state)
     positive = mask & (relevance >= 3)
     expected = {
         "lttd_retrieval": 0.5 * sampled_softmax_loss(user_state["vector"], item_state["vector"], positive, mask,
@@ -154,19 +155,25 @@ def test_disjoint_trains_the_two_tower_then_only_the_transformer(small_data, cas
     def recording_fit(self, *args, **kwargs):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         history = original(self, *args, **kwargs)
-        snapshots.append((model.training_stage, before, {n: p.detach().clone() for n, p in model.named_parameters()}))
+        snapshots.append((model.phase, before, {n: p.detach().clone() for n, p in model.named_parameters()}))
         return history
 
     ListwiseTrainer.fit_lists = recording_fit
     try:
-        first, second = fit_disjoint(model, TrainConfig(epochs=2, batch_size=16, lr=3e-3, patience=2, progress=False),
-                                     small_data, cascade.lists("train"), cascade.lists("valid"))
+        config = TrainConfig(epochs=2, batch_size=16, lr=3e-3, patience=2, progress=False)
+
+        def fit_phase(phase_dir):
+            trainer = ListwiseTrainer(model, config, NO_HYBRID)
+            trainer.fit_lists(small_data, cascade.lists("train"), cascade.lists("valid"))
+            return trainer
+
+        first, second = fit_plan(model, fit_phase)
     finally:
         ListwiseTrainer.fit_lists = original
     tte = {id(p) for p in model.two_tower_parameters()}
     names = {n: id(p) in tte for n, p in model.named_parameters()}
     (stage1, start1, end1), (stage2, start2, end2) = snapshots
-    assert (stage1, stage2) == ("two_tower", "transformer") and model.training_stage == "both"
+    assert (stage1, stage2) == ("two_tower", "transformer") and model.phase == "all"
     changed = lambda a, b, n: not torch.equal(a[n], b[n])  # noqa: E731
     # Phase 1 moves the two-tower and nothing else; phase 2 moves the transformer, never the two-tower.
     assert any(changed(start1, end1, n) for n, is_tte in names.items() if is_tte)
@@ -225,7 +232,7 @@ def test_run_training_picks_the_mode_and_reports_the_two_levels(small_data, casc
     metrics, model = train_and_evaluate(small_data, "lttd", config, {**SMALL["lttd"], "mode": "disjoint"}, cascade=cascade)
     assert metrics["objective"]["hybrid"] == {**metrics["objective"]["hybrid"], "distill_weight": 0.0, "fine_weight": 0.0, "coarse_weight": 0.0}
     assert {"tte_recall@50", "pipeline_ndcg@10", "upqe", "latency_ms_pipeline"} <= set(metrics["test_two_stage"])
-    assert model.training_stage == "both"
+    assert model.phase == "all"
     np.testing.assert_allclose(score_lists(model, small_data, cascade.lists("test"))[:, :1].shape, (len(cascade.lists("test")), 1))
 
 

@@ -112,8 +112,8 @@ def test_training_forward_with_own_codeword_queries_equals_the_serving_compositi
     batch = _list_batch(small_data) if lists else small_data.train.subset(np.arange(64)).to_tensors()
     model = _model(small_data).train()
     fast = model(batch).logits  # initialises the codebooks; its codebook update waits for the next step
-    with torch.no_grad():
-        full = PreRankModel.forward(model, batch).logits  # encode_user (all L·K queries) + score, same batch-norm mode
+    with torch.no_grad():  # encode_user (all L·K queries) + score, same batch-norm mode
+        full = model.score(model.encode_user(model.user_inputs(batch)), model.encode_item_lists(model.item_inputs(batch)))
     assert fast.shape == full.shape == ((16, 5) if lists else (64, 1))
     torch.testing.assert_close(fast.detach(), full, atol=1e-5, rtol=1e-5)
 

@@ -96,32 +96,28 @@ def all_models() -> list[str]:
 
 
 def measure_request_latency(model, item_table: dict, user_inputs: dict, n_candidates: int, repeats: int, seed: int = 0) -> dict:
-    """Latency of one request on the current thread count: the user stage and the per-candidate stage."""
+    """One request of `n_candidates` random catalogue rows, timed by `prerank.latency` on the current
+    thread count: the user stage is `encode_user`, the candidate stage gathering the item states and
+    one `score` (item states precomputed; no raw-request encoding, unlike `prerank bench-serve`)."""
     import torch
 
+    from prerank.latency import time_request_stages
     from prerank.models.base import gather_items
 
     generator = torch.Generator().manual_seed(seed)
     n_items = len(next(iter(item_table.values())))
     rows = torch.randint(0, n_items, (1, n_candidates), generator=generator)
-    user_times, score_times = [], []
     with torch.inference_mode():
-        for i in range(repeats + repeats // 10):
-            started = time.perf_counter()
-            user_state = model.encode_user(user_inputs)
-            middle = time.perf_counter()
-            model.score(user_state, gather_items(item_table, rows))
-            ended = time.perf_counter()
-            if i >= repeats // 10:  # warm-up rounds are dropped
-                user_times.append(middle - started)
-                score_times.append(ended - middle)
-    total = np.array(user_times) + np.array(score_times)
-    ms = lambda values, q: float(np.percentile(values, q) * 1000)  # noqa: E731
+        timed = time_request_stages(lambda i: model.encode_user(user_inputs),
+                                    lambda i, user_state: model.score(user_state, gather_items(item_table, rows)),
+                                    repeats, warmup=repeats // 10)
+    wall = timed["wall"]
     return {
         "candidates": n_candidates,
-        "p50_ms": ms(total, 50), "p99_ms": ms(total, 99),
-        "user_p50_ms": ms(user_times, 50), "user_p99_ms": ms(user_times, 99),
-        "score_p50_ms": ms(score_times, 50), "score_p99_ms": ms(score_times, 99),
+        "p50_ms": wall["total"]["p50_ms"], "p99_ms": wall["total"]["p99_ms"],
+        "user_p50_ms": wall["user_stage"]["p50_ms"], "user_p99_ms": wall["user_stage"]["p99_ms"],
+        "score_p50_ms": wall["candidate_stage"]["p50_ms"], "score_p99_ms": wall["candidate_stage"]["p99_ms"],
+        **timed,
     }
 
 

@@ -43,12 +43,12 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from prerank.atomic import atomic_path
 from prerank.data.schema import FIRST_KNOWN_INDEX, PAD_INDEX
 from prerank.data.table import GRADE, ITEM_ROW, LABEL, TIMESTAMP, DataError, PreparedData, SampleTable
-from prerank.models.base import PreRankModel, gather_items
+from prerank.models.base import PreRankModel
+from prerank.models.scoring import score_requests
 
 SPLITS = ("train", "valid", "test")
 # Furthest stage reached, in cascade order.
@@ -173,11 +173,8 @@ class ModelRetriever:
         self.table = model.encode_catalogue(data.items.to_tensors())
         self.n_items = len(data.item_raw_ids)
 
-    @torch.no_grad()
     def scores(self, histories: list[np.ndarray], users: SampleTable) -> np.ndarray:
-        user_state = self.model.encode_user(self.model.user_inputs(users.to_tensors()))
-        rows = torch.arange(self.n_items).expand(len(users), -1)
-        return self.model.score(user_state, gather_items(self.table, rows)).numpy()
+        return score_requests(self.model, self.table, users.to_tensors(), batch_size=len(users) or 1)
 
 
 @dataclass
@@ -246,15 +243,8 @@ def _relevance(grade: np.ndarray, label: np.ndarray, config: CascadeConfig) -> n
     return np.where(grade >= 1, graded, ungraded)
 
 
-@torch.no_grad()
 def _teacher_scores(teacher: PreRankModel, table: dict, users: SampleTable, candidates: np.ndarray, batch: int) -> np.ndarray:
-    user_tensors = users.to_tensors()
-    out = np.zeros(candidates.shape, np.float32)
-    for lo in range(0, len(users), batch):
-        user_state = teacher.encode_user({f.name: user_tensors[f.name][lo : lo + batch] for f in teacher.schema.user_features})
-        rows = torch.from_numpy(candidates[lo : lo + batch])
-        out[lo : lo + batch] = teacher.score(user_state, gather_items(table, rows)).numpy()
-    return out
+    return score_requests(teacher, table, users.to_tensors(), candidates, batch_size=batch)
 
 
 def build_cascade(data: PreparedData, teacher: PreRankModel, config: CascadeConfig | None = None,

@@ -2,19 +2,36 @@
 
     encode_items(item_features) -> item_state   offline, once per item: item-side features only
     encode_user(user_features)  -> user_state   online, once per request: user + context features
-    score(user_state, item_state) -> [B, N]     online, per candidate: must be light
+    score(user_state, item_state, mask=None) -> [B, N]   online, per candidate: must be light
 
 States are dicts of tensors. A user state has leading dim B; an item state fed to `score` has
 leading dims [B, N] (N = 1 for pointwise training, the list length for listwise training, the
-candidate count at serving). `forward` is built from the three stages, so the code path that
-training exercises is the one serving runs.
+candidate count at serving). `mask` [B, N] marks the valid candidates of padded request lists (a
+listwise scorer must not let padding into its list context; a pointwise scorer ignores it).
+
+`forward` is built from the three stages in this class and no model overrides it, so the code path
+that training exercises is the one serving runs. How a model is trained is said by hooks of this
+class, with defaults that cover the plain case (pointwise BCE, or the hybrid list loss on cascade
+lists, over all parameters at once):
+
+    auxiliary_losses(batch, user_state, item_state, logits)  extra weighted training losses
+    batch_states(batch)            the states of a training batch (default: the serving stages)
+    on_training_forward()          per-step bookkeeping before a training forward (schedules, codebooks)
+    training_phases()              the plan: one phase, or several that each train some parameters
+    enter_phase(name)              what the model's `score`/losses serve in a phase (`phase`)
+    training_modes                 "pointwise" and/or "listwise": what the model can be trained on
+    list_objective                 "hybrid" (the trainer's list loss) or "own" (its auxiliary losses)
+    two_level + coarse_score       a model whose cheap first stage can prune the list before `score`
+
+Training code reads these and nothing else: it never names a model or probes its attributes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator, Literal
 
 import pydantic
 import torch
@@ -23,6 +40,10 @@ from torch import Tensor, nn
 from prerank.data.schema import Schema
 
 State = dict[str, Tensor]
+# The batch key of a listwise batch's candidate mask [B, N] (True = a real candidate, not padding).
+LIST_MASK = "mask"
+# The phase a model is in outside training and in a one-phase plan: every part serves.
+ALL_PARTS = "all"
 
 
 @dataclass
@@ -31,8 +52,18 @@ class ModelOutput:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class TrainingPhase:
+    """One phase of a model's training plan: `name` is what `enter_phase` receives; `parameters`
+    are the ones trained in it (None: all trainable parameters; the others stay frozen)."""
+
+    name: str = ALL_PARTS
+    parameters: list[nn.Parameter] | None = None
+
+
 class PreRankModel(nn.Module):
-    """Base class. Subclasses set `name`, `Config` and implement the three stages."""
+    """Base class. Subclasses set `name`, `Config` and implement the three stages; they may
+    override the training hooks (module docstring) but never `forward`."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
@@ -42,25 +73,86 @@ class PreRankModel(nn.Module):
     is_ranker: ClassVar[bool] = False
     # True where `score` lets candidates of one request interact (N-axis scores are not pointwise).
     listwise: ClassVar[bool] = False
+    # What the model can be trained on: sample rows (BCE on the label) and/or cascade request lists.
+    training_modes: ClassVar[tuple[str, ...]] = ("pointwise", "listwise")
+    # On cascade lists: "hybrid" trains on the trainer's hybrid list loss plus `auxiliary_losses`;
+    # "own" means the auxiliary losses are the whole list objective (the hybrid loss only on request).
+    list_objective: ClassVar[Literal["hybrid", "own"]] = "hybrid"
+    # True for a two-level model: `coarse_score` is a cheap pointwise first stage whose top-k the
+    # full `score` re-scores (evaluated as a pipeline by `prerank.train.two_stage`).
+    two_level: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            raise TypeError(f"{cls.__name__} overrides forward: a model keeps the contract through encode_items, "
+                            "encode_user, score and the training hooks of PreRankModel")
 
     def __init__(self, schema: Schema, config: Any) -> None:
         super().__init__()
         self.schema = schema
         self.config = config
+        self.phase = ALL_PARTS
 
     # -- the contract ---------------------------------------------------------------------------
     def encode_items(self, items: dict[str, Tensor]) -> State:
+        """Item features (leading dim M) -> item state (leading dim M): item-side features only."""
         raise NotImplementedError
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
+        """User and context features (leading dim B) -> user state (leading dim B)."""
         raise NotImplementedError
 
-    def score(self, user_state: State, item_state: State) -> Tensor:
+    def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
+        """User state [B, ...] and item state [B, N, ...] -> logits [B, N]; `mask` [B, N] bool marks
+        the real candidates of padded lists (None: all are)."""
         raise NotImplementedError
 
+    # -- training hooks (defaults: the plain case) ----------------------------------------------
     def auxiliary_losses(self, batch: dict[str, Tensor], user_state: State, item_state: State, logits: Tensor) -> dict[str, Tensor]:
-        """Extra training losses (already weighted). Only called in training mode."""
+        """Extra training losses (already weighted), name -> scalar. Only called in training mode;
+        `logits` [B, N] are `score`'s on `batch_states(batch)`."""
         return {}
+
+    def batch_states(self, batch: dict[str, Tensor]) -> tuple[State, State]:
+        """(user state [B, ...], item state [B, N, ...]) of a batch whose candidates are known. The
+        default runs the serving stages. A model may compute the same states more cheaply when the
+        candidates are known in advance (the contract test checks the scores are equal)."""
+        return self.encode_user(self.user_inputs(batch)), self.encode_item_lists(self.item_inputs(batch))
+
+    def on_training_forward(self) -> None:
+        """Called before each training forward with gradients on (step-counted schedules, deferred
+        codebook updates). Default: nothing."""
+
+    def training_phases(self) -> list[TrainingPhase]:
+        """The training plan: phases run in order, each a full training run (early stopping
+        included) of its parameters. Default: one phase over all parameters."""
+        return [TrainingPhase()]
+
+    def enter_phase(self, name: str) -> None:
+        """Switch what `score` and the losses serve (`self.phase`); `ALL_PARTS` outside training."""
+        self.phase = name
+
+    @contextlib.contextmanager
+    def training_phase(self, phase: TrainingPhase) -> Iterator[None]:
+        """Within the block: only the phase's parameters train and the model is in `phase.name`;
+        afterwards trainability and the phase are restored."""
+        trainable = {p: p.requires_grad for p in self.parameters()}
+        chosen = None if phase.parameters is None else {id(p) for p in phase.parameters}
+        try:
+            if chosen is not None:
+                for p in trainable:
+                    p.requires_grad_(trainable[p] and id(p) in chosen)
+            self.enter_phase(phase.name)
+            yield
+        finally:
+            self.enter_phase(ALL_PARTS)
+            for p, flag in trainable.items():
+                p.requires_grad_(flag)
+
+    def coarse_score(self, user_state: State, item_state: State) -> Tensor:
+        """Two-level models only: the cheap first stage's logits [B, N], pointwise along N."""
+        raise NotImplementedError(f"{self.name} is not a two-level model")
 
     # -- built from the contract ----------------------------------------------------------------
     def user_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -78,9 +170,14 @@ class PreRankModel(nn.Module):
         return {k: v.reshape(*lead, *v.shape[1:]) for k, v in state.items()}
 
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
-        user_state = self.encode_user(self.user_inputs(batch))
-        item_state = self.encode_item_lists(self.item_inputs(batch))
-        logits = self.score(user_state, item_state)
+        """A batch of rows (item features [B]) or of request lists (item features [B, N] and
+        `batch["mask"]` [B, N]) -> logits [B, N] and, in training, the auxiliary losses."""
+        if self.training and torch.is_grad_enabled():
+            self.on_training_forward()
+        user_state, item_state = self.batch_states(batch) if self.training else (
+            self.encode_user(self.user_inputs(batch)), self.encode_item_lists(self.item_inputs(batch)))
+        mask = batch.get(LIST_MASK)
+        logits = self.score(user_state, item_state, mask.bool() if mask is not None else None)
         aux = self.auxiliary_losses(batch, user_state, item_state, logits) if self.training else {}
         return ModelOutput(logits, aux)
 
@@ -93,7 +190,7 @@ class PreRankModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Tensor]) -> Tensor:
-        """Pointwise probabilities for rows whose item features have leading dim [B]."""
+        """Pointwise probabilities [B] for rows whose item features have leading dim [B]."""
         return torch.sigmoid(self.forward(batch).logits.reshape(-1))
 
     def num_parameters(self) -> int:

@@ -214,7 +214,7 @@ class COLD(PreRankModel):
         """The SE block's weight of every feature group for every pair: [B, N, M] (order: `group_names`)."""
         return self.se.weights(self._groups(user_state, item_state))
 
-    def score(self, user_state: State, item_state: State) -> Tensor:
+    def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
         weighted, _ = self.se(self._groups(user_state, item_state))
         x = weighted.flatten(-2)
         if self.config.linear_log:

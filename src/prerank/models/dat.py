@@ -128,7 +128,7 @@ class DAT(PreRankModel):
     def encode_user(self, user: dict[str, Tensor]) -> State:
         return self._encode(self.user_fields, self.user_augment, self.user_tower, user, self.schema.user_id)
 
-    def score(self, user_state: State, item_state: State) -> Tensor:
+    def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
         scale = self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
         logits = torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"]) * scale
         return logits + self.bias if self.bias is not None else logits

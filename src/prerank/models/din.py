@@ -81,7 +81,7 @@ class DIN(PreRankModel):
             state["sequence_mask"] = ids != PAD_INDEX
         return state
 
-    def score(self, user_state: State, item_state: State) -> Tensor:
+    def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
         n = item_state["fields"].shape[1]
         user_fields = user_state["fields"].unsqueeze(1).expand(-1, n, -1, -1)  # [B, N, Fu, d]
         item_fields = item_state["fields"]  # [B, N, Fv, d]

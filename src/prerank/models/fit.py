@@ -32,7 +32,9 @@ Ablations (`use_mqm`, `scorer`), as defined in the notes §1.10 [I]:
     w FC (`scorer="fc"`): an MLP on vec(S) (`fc_hidden`) down to a scalar.
 
 What runs where (the point of the model)
-    encode_items (offline): Z_v [H_v, p] and the meta index i*(v) (int32): H_v·p floats + 1 int per item.
+    encode_items (offline): Z_v [H_v, p] and the selection logits e_c Qᵀ [N]: H_v·p + N floats per
+        item, the same state in training and serving (`score` takes their argmax i*(v) at serving
+        and softmax(·/τ) in training).
     encode_user (once per request): Q* is a constant, so the interaction unit and the user tower
         run once for each of the N hard queries: a user state Z_u of [N, H_u, p]. Cost grows
         with N and is independent of the number of candidates.
@@ -42,8 +44,8 @@ What runs where (the point of the model)
 Training-mode path (the soft query). q̃* depends on the candidate through k(v), and the user tower
 is non-linear in q, so with `soft_selection="query"` (default, the paper's relaxation) the user
 side cannot finish before the item is known: in training mode `encode_user` returns the user's
-embedded inputs (field vector, behaviour embeddings and mask), `encode_items` returns Z_v and the
-soft weights k (instead of the index), and `score` builds q̃* = k Q* and runs the interaction unit
+embedded inputs (field vector, behaviour embeddings and mask), and `score` turns the item's
+selection logits into the soft weights k, builds q̃* = k Q* and runs the interaction unit
 and user tower per (user, candidate) pair — the paper's per-sample training cost — through the
 same `_conditioned_user_heads` that `encode_user` runs for the N hard queries at serving time.
 `soft_selection="output"` [I] is the alternative relaxation that keeps the serving split in
@@ -52,8 +54,8 @@ training too: `encode_user` runs all N hard queries and `score` mixes the N user
 hard path (tested).
 
 Training progress. τ follows a schedule over optimisation steps, so the model counts them itself:
-the persistent buffer `train_step` is advanced by every forward pass in training mode with
-gradients enabled (one per optimiser step in the trainer). It is saved with the weights, so a
+the persistent buffer `train_step` is advanced at the start of every forward pass in training mode
+with gradients enabled (`on_training_forward`; one per optimiser step in the trainer). It is saved with the weights, so a
 resumed run continues the schedule, and no trainer change is needed.
 
 Readings chosen where the sources are silent [I] (config options):
@@ -93,7 +95,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.schema import PAD_INDEX, Schema
-from prerank.models.base import ModelOutput, PreRankModel, State, config_dataclass, register
+from prerank.models.base import PreRankModel, State, config_dataclass, register
 from prerank.models.layers import ACTIVATIONS, MLP, TargetAttention
 from prerank.models.two_tower import TowerPair
 
@@ -274,11 +276,7 @@ class FIT(PreRankModel):
         fields = self.towers.item_fields(items)
         state = {"heads": self._heads(self.towers.item_tower(fields.flat()), self.item_projection, self.item_heads)}
         if self.config.use_mqm:
-            logits = self.selection_logits(fields.embeddings)
-            if self.training:
-                state["meta_weights"] = (logits / self.temperature()).softmax(-1)
-            else:
-                state["meta_index"] = logits.argmax(-1).to(torch.int32)
+            state["selection_logits"] = self.selection_logits(fields.embeddings)
         return state
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
@@ -298,22 +296,27 @@ class FIT(PreRankModel):
                   for i in range(0, len(fields), step)]
         return {"heads": torch.cat(chunks) if chunks else fields.new_zeros(0, self.config.num_meta, self.user_heads, self.head_dim)}
 
-    def score(self, user_state: State, item_state: State) -> Tensor:
+    def meta_index(self, item_state: State) -> Tensor:
+        """The hard selection i*(v) [B, N] (int64) from the item state's selection logits [B, N, num_meta]."""
+        return item_state["selection_logits"].argmax(-1)
+
+    def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
+        """Logits [B, N] from the user state (Z_u per meta query [B, num_meta, H_u, p], or in training
+        with `soft_selection="query"` the user's embedded inputs) and the item state (Z_v
+        [B, N, H_v, p], selection logits [B, N, num_meta])."""
         item_heads = item_state["heads"]  # [B, N, H_v, p]
         candidates = item_heads.shape[1]
-        if "meta_weights" in item_state:
-            weights = item_state["meta_weights"]  # [B, N, num_meta]
-            if "heads" in user_state:  # soft_selection="output": mix the N hard-query user states
+        if not self.config.use_mqm:
+            user_heads = user_state["heads"].expand(-1, candidates, -1, -1)
+        elif not self.training:  # serving: the user-state row of the item's hard query
+            user_heads = torch.take_along_dim(user_state["heads"], self.meta_index(item_state)[..., None, None], dim=1)
+        else:
+            weights = (item_state["selection_logits"] / self.temperature()).softmax(-1)  # k [B, N, num_meta]
+            if self.config.soft_selection == "output":  # mix the N hard-query user states
                 user_heads = torch.einsum("bnk,bkhp->bnhp", weights, user_state["heads"])
-            else:  # soft_selection="query": the soft query q̃* = k Q* conditions the user side per pair
+            else:  # the soft query q̃* = k Q* conditions the user side per pair
                 user_heads = self._conditioned_user_heads(user_state["fields"], user_state["behaviours"], user_state["mask"],
                                                           weights @ self.query_group())
-        elif "meta_index" in item_state:
-            if "heads" not in user_state:
-                raise ValueError("FIT.score: a hard-path item state (meta_index) needs a user state from encode_user in eval mode")
-            user_heads = torch.take_along_dim(user_state["heads"], item_state["meta_index"].long()[..., None, None], dim=1)
-        else:
-            user_heads = user_state["heads"].expand(-1, candidates, -1, -1)
         similarity = torch.einsum("bnhp,bngp->bnhg", user_heads, item_heads)  # [B, N, H_u, H_v]
         if self.normalized:
             similarity = similarity * self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
@@ -325,8 +328,6 @@ class FIT(PreRankModel):
             return self.lss(similarity)
         return self.fc(similarity.flatten(-2)).squeeze(-1)
 
-    def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
-        output = super().forward(batch)
-        if self.training and torch.is_grad_enabled():
-            self.train_step += 1
-        return output
+    def on_training_forward(self) -> None:
+        """One more optimisation step on the τ schedule."""
+        self.train_step += 1

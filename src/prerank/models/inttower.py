@@ -189,7 +189,7 @@ class IntTower(PreRankModel):
             state["cir"] = F.normalize(layers[-1] if self.config.fe_block == "output" else heads[-1], dim=-1)
         return state
 
-    def score(self, user_state: State, item_state: State) -> Tensor:
+    def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
         # sim[b, n, l, i, j] = <M_u^l[i], M_v[j]>; max over item heads j, sum over user heads i and layers l.
         sim = torch.einsum("blid,bnjd->bnlij", user_state["heads"], item_state["heads"])
         logits = sim.amax(-1).sum((-1, -2))

@@ -32,8 +32,9 @@ Losses (training only, returned by `auxiliary_losses`, already weighted; §3.3 p
     L      = w_ret L_ret + w_rank L_rank + lambda_KD (w_down L_down + w_up L_up)
 
 `mode = "disjoint"` is the baseline the paper's claim is measured against: the TTE trains alone on
-L_ret, is frozen, then the LT trains on L_rank (+ lambda_KD w_up L_up from the frozen TTE); see
-`prerank.train.two_stage.fit_disjoint`, which `run_training` uses for this mode.
+L_ret, is frozen, then the LT trains on L_rank (+ lambda_KD w_up L_up from the frozen TTE). The model
+says so through its training plan (`training_phases`: phase "two_tower" trains the TTE, in which
+`score` is the TTE; phase "transformer" the rest), which the trainer runs in order.
 
 Readings chosen where the sources are silent (config options):
 - `similarity` cosine (bounded, so s is a well-scaled token feature) with a learnable temperature
@@ -57,8 +58,10 @@ Readings chosen where the sources are silent (config options):
 
 Serving: item state = (e_i, r_i) offline; user state = (e_q, r_q) once per request; `score`
 runs the LT across the request's N candidates in one call (O(l (N^2 d_m + N d_m^2))), so its
-scores are not pointwise (`listwise = True`). `two_tower_logits` is the TTE stage alone (a dot
-product per candidate), what a two-level pipeline runs before the LT (`prerank.train.two_stage`).
+scores are not pointwise (`listwise = True`). `coarse_score` is the TTE stage alone (a dot product
+per candidate), what a two-level pipeline runs before the LT (`two_level = True`,
+`prerank.train.two_stage`). On cascade lists the model's own losses are its objective
+(`list_objective = "own"`); the hybrid list loss is added only on request.
 """
 
 from __future__ import annotations
@@ -72,10 +75,10 @@ from torch import Tensor, nn
 
 from prerank.data.schema import Schema
 from prerank.data.table import LABEL
-from prerank.models.base import ModelOutput, PreRankModel, State, config_dataclass, register
+from prerank.models.base import ALL_PARTS, PreRankModel, State, TrainingPhase, config_dataclass, register
+from prerank.models.list_losses import NEG, distillation_loss, listnet_loss
 from prerank.models.layers import ACTIVATIONS, MLP, EmbeddingBank, FieldEncoder
 
-NEG = -1e9
 
 
 @config_dataclass
@@ -183,14 +186,10 @@ def sampled_softmax_loss(user: Tensor, items: Tensor, positive: Tensor, mask: Te
 
 
 def list_kl(target_logits: Tensor, student_logits: Tensor, mask: Tensor, temperature: float) -> Tensor:
-    """T^2 KL(sg(softmax(target / T)) || softmax(student / T)) over each list's valid items, mean over
-    requests with >= 2 valid items."""
+    """T^2 KL(sg(softmax(target / T)) || softmax(student / T)) over each list's valid items [B, N],
+    mean over requests with >= 2 valid items."""
     t = temperature
-    target = F.softmax((target_logits.detach() / t).masked_fill(~mask, NEG), dim=-1)
-    log_student = F.log_softmax((student_logits / t).masked_fill(~mask, NEG), dim=-1)
-    per_request = (target * (torch.log(target.clamp_min(1e-30)) - log_student)).masked_fill(~mask, 0.0).sum(-1) * t * t
-    defined = mask.sum(-1) >= 2
-    return per_request[defined].mean() if defined.any() else per_request.new_zeros(())
+    return t * t * distillation_loss(student_logits / t, target_logits.detach(), mask, t)
 
 
 @register
@@ -200,8 +199,8 @@ class LTTD(PreRankModel):
     name = "lttd"
     Config = LTTDConfig
     listwise = True
-    # Trained on cascade lists by its own losses (`auxiliary_losses`), not the hybrid loss by default.
-    own_list_objective = True
+    list_objective = "own"
+    two_level = True
 
     def __init__(self, schema: Schema, config: LTTDConfig) -> None:
         super().__init__(schema, config)
@@ -215,12 +214,19 @@ class LTTD(PreRankModel):
         layer = nn.TransformerEncoderLayer(c.model_dim, c.heads, c.feedforward, c.dropout, batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.LayerNorm(c.model_dim), nn.Linear(c.model_dim, 1))
-        # Which part `score` and the losses serve: "both" (joint, and after any training),
-        # "two_tower" / "transformer" (the two phases of disjoint training).
-        self.training_stage: Literal["both", "two_tower", "transformer"] = "both"
 
-    # -- parameter groups (disjoint training freezes the first) ---------------------------------
+    # -- the training plan ----------------------------------------------------------------------
+    def training_phases(self) -> list[TrainingPhase]:
+        """Joint: one phase. Disjoint: the TTE alone ("two_tower", `score` is the TTE), then the LT and
+        the residual extractors, which feed only the LT ("transformer", the TTE frozen)."""
+        if self.config.mode == "joint":
+            return [TrainingPhase()]
+        tte = {id(p) for p in self.two_tower_parameters()}
+        return [TrainingPhase("two_tower", self.two_tower_parameters()),
+                TrainingPhase("transformer", [p for p in self.parameters() if id(p) not in tte])]
+
     def two_tower_parameters(self) -> list[nn.Parameter]:
+        """The TTE's parameters: embeddings, per-field encoders and towers, temperature and bias."""
         residual = {id(p) for enc in (self.user_encoder, self.item_encoder) if enc.residual is not None for p in enc.residual.parameters()}
         tte = [*self.embeddings.parameters(), *self.user_encoder.parameters(), *self.item_encoder.parameters(),
                self.log_inv_temperature, self.bias]
@@ -228,24 +234,29 @@ class LTTD(PreRankModel):
 
     # -- the contract ---------------------------------------------------------------------------
     def encode_items(self, items: dict[str, Tensor]) -> State:
+        """Item features [M] -> {"vector": e_i [M, d], "residual": r_i [M, d_r]}."""
         return self.item_encoder(items)
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
+        """User features [B] -> {"vector": e_q [B, d], "residual": r_q [B, d_r]}."""
         return self.user_encoder(user)
 
     def similarity(self, user_state: State, item_state: State) -> Tensor:
+        """s(q, i) [B, N] from e_q [B, d] and e_i [B, N, d]."""
         return torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"])
 
     def _scale(self) -> Tensor:
         return self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
 
-    def two_tower_logits(self, user_state: State, item_state: State) -> Tensor:
+    def coarse_score(self, user_state: State, item_state: State) -> Tensor:
         """The TTE stage alone: t(q, i) = s(q, i) / tau + b, [B, N], pointwise along N."""
         return self.similarity(user_state, item_state) * self._scale() + self.bias
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
-        if self.training_stage == "two_tower":
-            return self.two_tower_logits(user_state, item_state)
+        """The LT's scores o [B, N] over each request's list (the TTE's t in phase "two_tower");
+        `mask` [B, N] keeps padding out of the attention."""
+        if self.phase == "two_tower":
+            return self.coarse_score(user_state, item_state)
         items, residual = item_state["vector"], item_state["residual"]
         n = items.shape[1]
         expand = lambda t: t.unsqueeze(1).expand(-1, n, -1)  # noqa: E731
@@ -261,14 +272,6 @@ class LTTD(PreRankModel):
         hidden = self.transformer(self.token(tokens), mask=attend, src_key_padding_mask=padding)
         return self.head(hidden).squeeze(-1)
 
-    def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
-        user_state = self.encode_user(self.user_inputs(batch))
-        item_state = self.encode_item_lists(self.item_inputs(batch))
-        mask = batch.get("mask")
-        logits = self.score(user_state, item_state, mask if mask is not None and mask.dim() == 2 else None)
-        aux = self.auxiliary_losses(batch, user_state, item_state, logits) if self.training else {}
-        return ModelOutput(logits, aux)
-
     # -- training objectives --------------------------------------------------------------------
     def _list_targets(self, batch: dict[str, Tensor], shape: torch.Size) -> tuple[Tensor, Tensor]:
         """(relevance, mask) [B, N]: the cascade list's, or for pointwise rows the label's."""
@@ -281,9 +284,9 @@ class LTTD(PreRankModel):
     def auxiliary_losses(self, batch: dict[str, Tensor], user_state: State, item_state: State, logits: Tensor) -> dict[str, Tensor]:
         c = self.config
         relevance, mask = self._list_targets(batch, logits.shape)
-        stage = self.training_stage
+        stage = self.phase
         losses: dict[str, Tensor] = {}
-        if stage in ("both", "two_tower") and c.retrieval_weight:
+        if stage in (ALL_PARTS, "two_tower") and c.retrieval_weight:
             positive = mask & (relevance >= c.retrieval_min_relevance)
             losses["lttd_retrieval"] = c.retrieval_weight * sampled_softmax_loss(
                 user_state["vector"], item_state["vector"], positive, mask, self._scale(), self.bias,
@@ -291,13 +294,10 @@ class LTTD(PreRankModel):
         if stage == "two_tower":
             return losses
         if c.rank_weight:
-            # The cascade's ListNet (models sit below train: imported here, as cold.py does).
-            from prerank.train.losses import listnet_loss
-
             losses["lttd_rank"] = c.rank_weight * listnet_loss(logits, relevance, mask)
         if c.kd_weight:
-            tte = self.two_tower_logits(user_state, item_state)
-            if stage == "both" and c.kd_down_weight:
+            tte = self.coarse_score(user_state, item_state)
+            if stage == ALL_PARTS and c.kd_down_weight:
                 losses["lttd_kd_down"] = c.kd_weight * c.kd_down_weight * list_kl(logits, tte, mask, c.kd_temperature)
             if c.kd_up_weight:
                 losses["lttd_kd_up"] = c.kd_weight * c.kd_up_weight * list_kl(tte, logits, mask, c.kd_temperature)

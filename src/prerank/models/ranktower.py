@@ -119,7 +119,7 @@ class RankTower(PreRankModel):
         mix = lambda t: torch.einsum("bnhij,bnjhc->bnihc", weights, split(t)).flatten(-2)  # noqa: E731
         return mix(value), mix(value_gate)
 
-    def score(self, user_state: State, item_state: State) -> Tensor:
+    def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
         n = item_state["heads"].shape[1]
         user = {k: v.unsqueeze(1).expand(-1, n, *v.shape[1:]) for k, v in user_state.items()}
         user_context, user_gate_cross = self._attend(user["query"], item_state["key"], item_state["value"], item_state["value_gate"])

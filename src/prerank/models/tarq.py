@@ -40,10 +40,10 @@ Codebook alignment (official code), per level l, with p over all K codes:
 
 Total: L = BCE(logit, y) + L_ta + L_rec + L_align (+ the codebook terms below).
 
-Training cost. The training forward never builds the personalised codebook: the score needs only
-the item's own L codewords, and attention is per query, so each row attends with its L queries
-(N·L for a list of N), not L·K; the result equals `score(encode_user(u), encode_items(i))` to
-float rounding (a test checks it). The alignment term needs all K codewords per level; it is
+Training cost. The training states (`batch_states`) never build the whole personalised codebook:
+the score needs only the item's own L codewords, and attention is per query, so each row attends
+with its L queries (N·L for a list of N), not L·K, and only those codewords are filled; `score` on
+them equals `score(encode_user(u), encode_items(i))` to float rounding (the contract test checks it). The alignment term needs all K codewords per level; it is
 computed on the first `align_rows` rows of each (shuffled) batch, an unbiased sub-sample of the
 batch mean, at align_rows/B of the full cost.
 
@@ -99,7 +99,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prerank.data.schema import PAD_INDEX, Schema
-from prerank.models.base import ModelOutput, PreRankModel, State, config_dataclass, register
+from prerank.models.base import PreRankModel, State, config_dataclass, register
 from prerank.models.layers import MLP
 from prerank.models.two_tower import TowerPair
 
@@ -281,6 +281,8 @@ class Tarq(PreRankModel):
         self.batch_utilisation: list[list[float]] = []
         self._pending: dict[str, Tensor] | None = None
         self._query_cache: tuple[tuple, Tensor] | None = None
+        # A training forward's intermediates, from `batch_states` to `auxiliary_losses`.
+        self._step: dict | None = None
 
     # -- stages -------------------------------------------------------------------------------
     def _behaviours(self, user: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -311,9 +313,12 @@ class Tarq(PreRankModel):
         return state, vectors, residuals
 
     def encode_items(self, items: dict[str, Tensor]) -> State:
+        """Item features [M] -> {"vector": [M, D] (normalised tower output), "codes": semantic id
+        [M, L], "head_key": W_h v_item [M, d]}."""
         return self._encode_items(items)[0]
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
+        """User features [B] -> {"vector": [B, D], "personal_codebook": X̄ [B, L, K, d]}."""
         behaviours, mask = self._behaviours(user)
         L, K = self.codebooks.shape[:2]
         queries = self._codeword_queries().flatten(0, 1)  # [L·K, H, e], shared by every user
@@ -339,7 +344,9 @@ class Tarq(PreRankModel):
             logit = logit + torch.einsum("bd,bnd->bn", user_vector, item_state["vector"]) * scale
         return logit
 
-    def score(self, user_state: State, item_state: State) -> Tensor:
+    def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
+        """Logits [B, N]: the two-tower term plus <ĥ, W_h v_item>, ĥ gathered from the user's
+        personalised codebook [B, L, K, d] by the candidates' codes [B, N, L]."""
         h_hat = self.approximate_attention(user_state["personal_codebook"], item_state["codes"])
         return self._compose(user_state["vector"], item_state, h_hat)
 
@@ -383,15 +390,20 @@ class Tarq(PreRankModel):
             self.ema_count.fill_(1.0)
         self.codebooks_ready.fill_(True)
 
-    def forward(self, batch: dict[str, Tensor]):
-        if not self.training:
-            return super().forward(batch)
-        return self._training_forward(batch)
-
-    def _training_forward(self, batch: dict[str, Tensor]):
-        """`score(encode_user(u), encode_items(i))` computed with each row's own N·L codeword queries
-        instead of all L·K (equal per query, since attention is per query), plus the losses."""
+    def on_training_forward(self) -> None:
+        """Apply the codebook update computed in the previous training step."""
         self._apply_pending_codebook_update()
+
+    def batch_states(self, batch: dict[str, Tensor]) -> tuple[State, State]:
+        """In training, the states of `encode_user` / `encode_items` with the personalised codebook
+        filled only where the batch's candidates read it: each row attends with its own N·L codeword
+        queries, not all L·K (equal per query, since attention is per query), so `score` gives the
+        serving logits at a fraction of the cost. Codewords no candidate reads stay zero; a codeword
+        read by several candidates of one request is computed once per reader and averaged (equal
+        values, so the mean is the value and each reader's gradient counts once). Outside training,
+        the serving stages."""
+        if not self.training:
+            return super().batch_states(batch)
         flat, n = self._flat_items(batch)
         if not bool(self.codebooks_ready):
             self.initialise_codebooks(flat)
@@ -399,17 +411,36 @@ class Tarq(PreRankModel):
         behaviours, mask = self._behaviours(user)
         memory = self.student_attention.memory(behaviours, mask)
         state, vectors, residuals = self._encode_items(flat)
-        B, L = len(behaviours), self.config.levels
+        B, (L, K) = len(behaviours), self.codebooks.shape[:2]
         item_state = {k: v.reshape(B, n, *v.shape[1:]) for k, v in state.items()}
         codes = state["codes"]  # [B·N, L]
         all_queries = self._codeword_queries()  # [L, K, H, e]
         own = all_queries[torch.arange(L, device=codes.device).expand_as(codes), codes]  # [B·N, L, H, e]
-        h_hat = self.student_attention.attend(own.reshape(B, n * L, *own.shape[-2:]), memory).reshape(B, n, L, -1).sum(2)
-        user_vector = self._user_vector(user)
-        logits = self._compose(user_vector, item_state, h_hat)
+        attended = self.student_attention.attend(own.reshape(B, n * L, *own.shape[-2:]), memory)  # [B, N·L, d]
+        # Row l·K + z_l of each user's flattened [L·K, d] codebook, as `approximate_attention` reads it.
+        slots = (codes + torch.arange(0, L * K, K, device=codes.device)).reshape(B, n * L)
+        users = torch.arange(B, device=codes.device)[:, None].expand_as(slots)
+        total = attended.new_zeros(B, L * K, attended.shape[-1]).index_put((users, slots), attended, accumulate=True)
+        readers = attended.new_zeros(B, L * K).index_put((users, slots), attended.new_ones(slots.shape), accumulate=True)
+        personal = (total / readers.clamp_min(1).unsqueeze(-1)).reshape(B, L, K, -1)
+        self._step = {"flat": flat, "behaviours": behaviours, "mask": mask, "memory": memory, "vectors": vectors,
+                      "residuals": residuals, "queries": all_queries}
+        return {"vector": self._user_vector(user), "personal_codebook": personal}, item_state
 
+    def auxiliary_losses(self, batch: dict[str, Tensor], user_state: State, item_state: State, logits: Tensor) -> dict[str, Tensor]:
+        """The teacher's BCE, the distillation of ĥ onto sg(h_TA), the commitment (and, with
+        `codebook_update="loss"`, codebook) term and the codebook alignment, each weighted (module
+        docstring); records this step's codebook usage and update. Uses the intermediates of this
+        step's `batch_states`."""
+        step, self._step = self._step, None
+        if step is None:
+            raise RuntimeError("Tarq.auxiliary_losses runs after batch_states in the same training forward")
         c = self.config
-        h_ta, ta_logit = self._teacher(user_vector, item_state, vectors, flat, behaviours, mask)
+        B, n, L = *logits.shape, c.levels
+        codes = item_state["codes"].reshape(B * n, L)
+        vectors, residuals, memory = step["vectors"], step["residuals"], step["memory"]
+        h_hat = self.approximate_attention(user_state["personal_codebook"], item_state["codes"])
+        h_ta, ta_logit = self._teacher(user_state["vector"], item_state, vectors, step["flat"], step["behaviours"], step["mask"])
         target = h_ta.detach()
         label = batch[self.schema.label].reshape(ta_logit.shape).to(ta_logit.dtype)
         losses = {
@@ -426,13 +457,13 @@ class Tarq(PreRankModel):
             # (shuffled) batch and all their candidates.
             rows = min(c.align_rows, B)
             keys, values, mask_ = memory
-            personal = self.student_attention.attend(all_queries.flatten(0, 1), (keys[:rows], values[:rows], mask_[:rows]))
+            personal = self.student_attention.attend(step["queries"].flatten(0, 1), (keys[:rows], values[:rows], mask_[:rows]))
             personal = personal.reshape(rows, 1, L, c.codebook_size, -1).expand(-1, n, -1, -1, -1).flatten(0, 1)
             sub = rows * n
             losses["align"] = c.align_weight * self._alignment(
                 codes[:sub], residuals[:sub], target.reshape(B * n, -1)[:sub], personal)
         self._record_codebook_step(codes, residuals.detach())
-        return ModelOutput(logits, losses)
+        return losses
 
     def _alignment(self, codes: Tensor, residuals: Tensor, target: Tensor, personal: Tensor) -> Tensor:
         """codes [M, L], residuals [M, L, d], target sg(h_TA) [M, d], personal codebooks [M, L, K, d]."""

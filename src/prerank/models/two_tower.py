@@ -84,6 +84,6 @@ class TwoTower(PreRankModel):
     def encode_user(self, user: dict[str, Tensor]) -> State:
         return {"vector": self._vector(self.towers.user_tower, self.towers.user_fields(user).flat())}
 
-    def score(self, user_state: State, item_state: State) -> Tensor:
+    def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
         scale = self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
         return torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"]) * scale + self.bias

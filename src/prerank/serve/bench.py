@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from prerank.atomic import write_text_atomic
+from prerank.latency import time_request_stages
 from prerank.data.schema import OOV_INDEX, Kind, Schema
 from prerank.models.base import create_model
 from prerank.serve.artifact import read_manifest, state_layout
@@ -60,12 +61,6 @@ class RequestSampler:
         replace = n_candidates > len(self.item_ids)
         candidates = self.rng.choice(self.item_ids, size=n_candidates, replace=replace).tolist()
         return {"user_features": user_features, "behaviour": behaviour, "candidates": candidates, "k": k}
-
-
-def percentiles(samples_ms: list[float]) -> dict:
-    a = np.asarray(samples_ms)
-    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
-            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "max_ms": float(a.max())}
 
 
 def reference_bytes_per_item(schema: Schema) -> int:
@@ -117,28 +112,20 @@ def bench_serve(
     latency = []
     for n in sizes:
         pool = [sampler.request(n, k) for _ in range(distinct_requests)]
-        wall = {"user_stage": [], "candidate_stage": [], "total": []}
-        cpu = {"user_stage": [], "candidate_stage": [], "total": []}
-        for i in range(warmup + repeats):
+
+        def user_stage(i: int):
             r = pool[i % len(pool)]
-            t0, c0 = now(), time.process_time()
-            state = scorer.user_state(r["user_features"], r["behaviour"])
-            t1, c1 = now(), time.process_time()
-            rows, _ = scorer.candidate_rows(r["candidates"])
+            return scorer.user_state(r["user_features"], r["behaviour"])
+
+        def candidate_stage(i: int, state) -> None:
+            rows, _ = scorer.candidate_rows(pool[i % len(pool)]["candidates"])
             with torch.inference_mode():
                 best = torch.topk(scorer.score_rows(state, rows), min(k, len(rows)))
-            _ = scorer.artifact.item_ids[rows[best.indices.cpu().numpy()]].tolist()
-            t2, c2 = now(), time.process_time()
-            if i >= warmup:
-                for record, (a, b, c) in ((wall, (t0, t1, t2)), (cpu, (c0, c1, c2))):
-                    record["user_stage"].append((b - a) * 1e3)
-                    record["candidate_stage"].append((c - b) * 1e3)
-                    record["total"].append((c - a) * 1e3)
+            scorer.artifact.item_ids[rows[best.indices.cpu().numpy()]].tolist()
+
+        timed = time_request_stages(user_stage, candidate_stage, repeats, warmup, now)
         latency.append({"candidates": n, "k": min(k, n), "sampled_with_replacement": n > manifest["item_count"],
-                        **{stage: percentiles(samples) for stage, samples in wall.items()},
-                        # CPU time of the process: what the request costs on a core of its own, free of the
-                        # time a busy machine keeps it descheduled (wall clock above includes that).
-                        "cpu_time": {stage: percentiles(samples) for stage, samples in cpu.items()}})
+                        **timed["wall"], "cpu_time": timed["cpu_time"]})
 
     if reference is not None:
         ref_bytes, ref_from = read_manifest(reference)["bytes_per_item"], str(reference)

@@ -27,7 +27,8 @@ import prerank
 from prerank.data.schema import Schema
 from prerank.serve.artifact import IDS_FILE, read_manifest
 from prerank.atomic import write_text_atomic
-from prerank.serve.bench import RequestSampler, percentiles, write_summary
+from prerank.latency import percentiles
+from prerank.serve.bench import RequestSampler, write_summary
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

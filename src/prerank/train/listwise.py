@@ -6,8 +6,8 @@ catalogue), so the model runs its ordinary `forward` along the N axis. The objec
 `prerank.train.losses.hybrid_loss` (plus the model's auxiliary losses); early stopping keeps the
 epoch with the best validation NDCG@10 against the real interactions.
 
-Evaluation scores each request's whole candidate list through the serving path (catalogue
-item-state table, `gather_items`, `encode_user`, `score`) and reports Recall@K and NDCG@K against
+Evaluation scores each request's whole candidate list through the serving path
+(`prerank.models.scoring`) and reports Recall@K and NDCG@K against
 the real positive interactions (graded by the cascade's relevance) and against the teacher's
 top-K of the same list (agreement with the ranker).
 """
@@ -24,13 +24,13 @@ from torch import Tensor
 from prerank.cascade import CascadeLists
 from prerank.data.table import PreparedData
 from prerank.metrics import ndcg_at_k, recall_at_k
-from prerank.models.base import PreRankModel, gather_items
+from prerank.models.base import PreRankModel
+from prerank.models.scoring import item_table, score_requests
 from prerank.train import distributed
 from prerank.train.losses import HybridLossConfig, hybrid_loss
 from prerank.train.trainer import EpochLog, Trainer, TrainConfig
 
 KS = (10, 50, 100)
-LIST_TARGETS = ("stage", "teacher", "relevance", "mask")
 
 
 class ListBatches:
@@ -42,7 +42,8 @@ class ListBatches:
         catalogue = data.items.to_tensors()
         self.catalogue = {f.name: catalogue[f.name].to(device) for f in model.schema.item_features}
         self.item_rows = torch.from_numpy(lists.item_rows).to(device)
-        self.targets = {name: torch.from_numpy(getattr(lists, name)).to(device) for name in LIST_TARGETS}
+        targets = {"stage": lists.stage, "teacher": lists.teacher, "relevance": lists.relevance, "mask": lists.mask}
+        self.targets = {name: torch.from_numpy(values).to(device) for name, values in targets.items()}
         self.device = device
 
     def __len__(self) -> int:
@@ -64,22 +65,10 @@ class ListBatches:
             yield batch
 
 
-@torch.no_grad()
 def score_lists(model: PreRankModel, data: PreparedData, lists: CascadeLists, batch_size: int = 256) -> np.ndarray:
-    """Logits [R, N] for every request's candidate list, through the serving path."""
-    was_training = model.training
-    model.eval()
-    table = model.encode_catalogue(data.items.to_tensors())
+    """Logits [R, N] for every request's candidate list, through the serving path (padding masked)."""
     users = data.splits[lists.split].subset(lists.source_rows).to_tensors()
-    out = []
-    for lo in range(0, len(lists), batch_size):
-        user_state = model.encode_user({f.name: users[f.name][lo : lo + batch_size] for f in model.schema.user_features})
-        rows = torch.from_numpy(lists.item_rows[lo : lo + batch_size])
-        # A listwise scorer mixes candidates inside `score`: it must not see the lists' padding.
-        extra = {"mask": torch.from_numpy(lists.mask[lo : lo + batch_size])} if model.listwise else {}
-        out.append(model.score(user_state, gather_items(table, rows), **extra).float().numpy())
-    model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, lists.item_rows.shape[1]), np.float32)
+    return score_requests(model, item_table(model, data.items.to_tensors()), users, lists.item_rows, lists.mask, batch_size)
 
 
 def teacher_top_k(lists: CascadeLists, k: int) -> np.ndarray:

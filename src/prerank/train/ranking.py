@@ -22,7 +22,8 @@ import torch
 
 from prerank.data.table import GRADE, ITEM_ROW, LABEL, PreparedData
 from prerank.metrics import ndcg_at_k, recall_at_k
-from prerank.models.base import PreRankModel, gather_items
+from prerank.models.base import PreRankModel
+from prerank.models.scoring import item_table, iter_request_scores
 
 
 def _requests(data: PreparedData, split: str) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
@@ -68,57 +69,46 @@ def ranking_report(
     max_scores_per_batch: int = 500_000,
 ) -> dict:
     """Recall@K and NDCG@K (metrics.recall_at_k / ndcg_at_k) averaged over the split's users."""
-    model.eval()
     table = data.splits[split]
     first_rows, relevant, relevance = _requests(data, split)
     user_id = data.schema.user_id
     users = table[user_id][first_rows]
-    catalogue_tensors = data.items.to_tensors()
-    device = next(model.parameters()).device
-    item_tensors = {f.name: catalogue_tensors[f.name].to(device) for f in model.schema.item_features}
-    catalogue_state = model.encode_catalogue(item_tensors)
+    catalogue_state = item_table(model, data.items.to_tensors())
     n_items = len(data.item_raw_ids)
     user_tensors = table.subset(first_rows).to_tensors()
-    user_tensors = {f.name: user_tensors[f.name].to(device) for f in model.schema.user_features}
     full = candidates == "full"
+    rows = None
     if not full:
         n_sampled = int(candidates)
         if n_sampled < 1:
             raise ValueError("candidates must be 'full' or a positive number of sampled items")
         rng = np.random.default_rng(seed)
         touched = _interacted(data, users, tuple(data.splits), positives_only=False)
+        # Each request's list: its relevant items, padding, then n_sampled items it never touched.
+        width = max(len(r) for r in relevant) + n_sampled
+        rows = np.zeros((len(users), width), dtype=np.int64)
+        for i in range(len(users)):
+            rows[i, : len(relevant[i])] = relevant[i]
+            rows[i, width - n_sampled :] = _draw_unseen(rng, n_items, touched.get(int(users[i]), set()), n_sampled)
     else:
         seen = _interacted(data, users, tuple(s for s in data.splits if s != split), positives_only=True) if exclude_seen else {}
-    width = n_items if full else max(len(r) for r in relevant) + n_sampled
-    batch = max(1, max_scores_per_batch // width)
+        width = n_items
     sums = {f"{name}@{k}": 0.0 for k in ks for name in ("recall", "ndcg")}
     counted = 0
-    for start in range(0, len(users), batch):
-        stop = min(start + batch, len(users))
-        size = stop - start
+    batch = max(1, max_scores_per_batch // width)
+    for part, logits in iter_request_scores(model, catalogue_state, user_tensors, rows, batch_size=batch):
+        size = part.stop - part.start
         rel = np.zeros((size, width))
         mask = np.ones((size, width), dtype=bool)
-        if full:
-            for b in range(size):
-                i = start + b
+        for b, i in enumerate(range(part.start, part.stop)):
+            r = len(relevant[i])
+            if full:
                 rel[b, relevant[i]] = relevance[i]
-                hide = list(seen.get(int(users[i]), set()) - set(relevant[i].tolist()))
-                mask[b, hide] = False
-        else:
-            rows = np.zeros((size, width), dtype=np.int64)
-            for b in range(size):
-                i = start + b
-                r = len(relevant[i])
-                rows[b, :r], rel[b, :r] = relevant[i], relevance[i]
+                mask[b, list(seen.get(int(users[i]), set()) - set(relevant[i].tolist()))] = False
+            else:
+                rel[b, :r] = relevance[i]
                 mask[b, r : width - n_sampled] = False
-                rows[b, width - n_sampled :] = _draw_unseen(rng, n_items, touched.get(int(users[i]), set()), n_sampled)
-        user_state = model.encode_user({k: v[start:stop] for k, v in user_tensors.items()})
-        if full:
-            # What gather_items gives for rows arange(M), as a broadcast view instead of B copies of the table.
-            item_state = {k: v.unsqueeze(0).expand(size, *v.shape) for k, v in catalogue_state.items()}
-        else:
-            item_state = gather_items(catalogue_state, torch.from_numpy(np.ascontiguousarray(rows)).to(device))
-        scores = model.score(user_state, item_state).cpu().numpy()
+        scores = logits.cpu().numpy()
         for k in ks:
             sums[f"recall@{k}"] += recall_at_k(scores, rel, k, mask) * size
             sums[f"ndcg@{k}"] += ndcg_at_k(scores, rel, k, mask) * size

@@ -12,9 +12,9 @@ from prerank.models.base import PreRankModel, config_to_dict, create_model
 from prerank.train import distributed
 from prerank.train.checkpoint import save_checkpoint
 from prerank.train.listwise import ListwiseTrainer, evaluate_lists
-from prerank.train.losses import HybridLossConfig
-from prerank.train.two_stage import NO_HYBRID, fit_disjoint, two_stage_report
-from prerank.train.trainer import Trainer, TrainConfig, evaluate, seed_everything
+from prerank.train.losses import NO_HYBRID, HybridLossConfig
+from prerank.train.two_stage import two_stage_report
+from prerank.train.trainer import Trainer, TrainConfig, evaluate, fit_plan, seed_everything
 
 
 def run_training(
@@ -49,25 +49,34 @@ def train_and_evaluate(
     """`run_training` that also returns the trained model (best epoch)."""
     seed_everything(train_config.seed)  # the initial weights too follow the seed (and agree across ranks)
     model = create_model(model_name, data.schema, model_overrides)
+    mode = "pointwise" if cascade is None else "listwise"
+    if mode not in model.training_modes:
+        raise ValueError(f"model {model_name!r} trains on {' or '.join(model.training_modes)} data, not {mode} "
+                         f"({'give --cascade' if cascade is None else 'drop --cascade'})")
     extra = {"data_source": data_source or {}, "data_meta": data.meta, "train_config": train_config.__dict__}
     if cascade is None:
-        trainer = Trainer(model, train_config)
-        trainer.fit(data.train, data.valid, out_dir=out_dir, checkpoint_extra=extra)
+        def fit_phase(phase_dir: Path | None) -> Trainer:
+            trainer = Trainer(model, train_config)
+            trainer.fit(data.train, data.valid, out_dir=phase_dir, checkpoint_extra=extra)
+            return trainer
     else:
         check_cascade_matches(cascade, data)
-        if getattr(model, "own_list_objective", False) and hybrid is None:
-            # LT-TTD brings its own list losses (auxiliary); the hybrid loss is added only on request.
-            hybrid = NO_HYBRID
-        if getattr(model.config, "mode", None) == "disjoint":
-            # LT-TTD's disjoint baseline: the two-tower alone, frozen, then the transformer.
-            _, trainer = fit_disjoint(model, train_config, data, cascade.lists("train"), cascade.lists("valid"), out_dir)
-        else:
+        if hybrid is None:
+            # A model whose auxiliary losses are its list objective gets the hybrid loss only on request.
+            hybrid = NO_HYBRID if model.list_objective == "own" else HybridLossConfig()
+        train_lists, valid_lists = cascade.lists("train"), cascade.lists("valid")
+
+        def fit_phase(phase_dir: Path | None) -> Trainer:
             trainer = ListwiseTrainer(model, train_config, hybrid)
-            trainer.fit_lists(data, cascade.lists("train"), cascade.lists("valid"), out_dir=out_dir)
-        if out_dir is not None and distributed.context().is_main:
-            extra.update(epoch=trainer.best_epoch, valid_ndcg10=trainer.best_valid, cascade=cascade.meta,
-                         hybrid_loss=asdict(trainer.loss_config))
-            save_checkpoint(Path(out_dir) / "checkpoint.pt", model, extra=extra)
+            trainer.fit_lists(data, train_lists, valid_lists, out_dir=phase_dir)
+            return trainer
+    phases = fit_plan(model, fit_phase, out_dir)
+    trainer = phases[-1]
+    if out_dir is not None and distributed.context().is_main and (cascade is not None or len(phases) > 1):
+        extra.update(epoch=trainer.best_epoch, phases=[t.best_epoch for t in phases])
+        if cascade is not None:
+            extra.update(valid_ndcg10=trainer.best_valid, cascade=cascade.meta, hybrid_loss=asdict(trainer.loss_config))
+        save_checkpoint(Path(out_dir) / "checkpoint.pt", model, extra=extra)
     metrics = {
         "model": model_name,
         "dataset": data.meta.get("dataset"),
@@ -98,8 +107,8 @@ def train_and_evaluate(
     if cascade is not None:
         metrics["objective"] = {"hybrid": asdict(trainer.loss_config), "cascade": cascade.meta}
         metrics["test_lists"] = evaluate_lists(model, data, cascade.lists("test"))
-        if hasattr(model, "two_tower_logits"):
-            # A two-level model (LT-TTD): its two-tower stage, the pipeline's final list and UPQE.
+        if model.two_level:
+            # The first stage, the pipeline's final list and UPQE.
             metrics["test_two_stage"] = two_stage_report(model, data, cascade.lists("test"))
     if data.meta.get("note"):
         metrics["note"] = data.meta["note"]

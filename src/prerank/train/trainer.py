@@ -16,6 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -115,6 +116,20 @@ def evaluate(model: PreRankModel, table: SampleTable, batch_size: int = 16384, d
     """Metrics on the whole table (under torchrun: predictions gathered from every rank)."""
     probabilities = predict_gathered(model, table, batch_size, device)
     return pointwise_report(table[LABEL], probabilities, table[model.schema.user_id])
+
+
+def fit_plan(model: PreRankModel, fit_phase: Callable[[Path | None], "Trainer"], out_dir: Path | None = None) -> list["Trainer"]:
+    """Run the model's training plan: each phase of `model.training_phases()` in order, inside
+    `model.training_phase(phase)` (only its parameters train), as `fit_phase(phase_dir)`, which
+    builds, fits and returns a trainer. One phase writes to `out_dir`; several write to
+    OUT/phase<i>_<name>/. Returns the phases' trainers."""
+    phases = model.training_phases()
+    trainers = []
+    for i, phase in enumerate(phases, 1):
+        phase_dir = out_dir if out_dir is None or len(phases) == 1 else Path(out_dir) / f"phase{i}_{phase.name}"
+        with model.training_phase(phase):
+            trainers.append(fit_phase(phase_dir))
+    return trainers
 
 
 class Trainer:
