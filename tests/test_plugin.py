@@ -1,9 +1,14 @@
-"""Models from other packages (`prerank.models` entry points): every way a plugin can be wrong is
-reported clearly."""
+"""Models from other packages (`prerank.models` entry points): the example plugin installed and run
+through the contract tests and the CLI, and every way a plugin can be wrong reported clearly."""
 
+import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +16,53 @@ from typer.testing import CliRunner
 from prerank.cli import app
 from prerank.models import base, create_model
 from prerank.models.registry import ModelRegistry
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "custom-model"
+PLUGIN = "example_fm"
+
+
+@pytest.fixture(scope="module")
+def plugin_path(tmp_path_factory):
+    """examples/custom-model installed into a folder of its own (offline: no index, no build isolation)."""
+    tmp = tmp_path_factory.mktemp("plugin")
+    source = tmp / "source"  # a copy, so that the build leaves nothing in the checkout
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+               "--disable-pip-version-check", "--target", str(tmp / "site"), str(source)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tmp / "site"
+
+
+def run_with_plugin(plugin_path, args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), str(ROOT / "src"), str(ROOT)])}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_installed_plugin_passes_the_model_tests(plugin_path):
+    """The tests parametrized over the registry pick the plugin up: contract, training, serving parity."""
+    files = ["tests/test_contract.py", "tests/test_train.py", "tests/test_serve.py"]
+    proc = run_with_plugin(plugin_path, ["-m", "pytest", *files, "-k", PLUGIN, "-rA", "-p", "no:cacheprovider"])
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    for path in files:
+        assert re.search(rf"^PASSED {re.escape(path)}::\S+\[{PLUGIN}\]$", proc.stdout, re.M), f"no {PLUGIN} test ran in {path}"
+    assert not re.search(r"\b(failed|skipped|error)\b", proc.stdout.splitlines()[-1]), proc.stdout[-2000:]
+
+
+def test_installed_plugin_trains_exports_and_serves_by_name(plugin_path, tmp_path):
+    proc = run_with_plugin(plugin_path, ["-W", "ignore", "tests/plugin_helper.py", str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert re.search(rf"^{PLUGIN}\s+pre-ranker, plugin prerank-custom-model 0\.1\.0: ", result["listing"], re.M)
+    assert re.search(r"^two_tower\s+pre-ranker: ", result["listing"], re.M)
+    assert result["metrics"]["model"] == PLUGIN and result["metrics"]["model_config"]["embed_dim"] == 8
+    assert 0 < result["metrics"]["test"]["logloss"] < 1
+    assert result["manifest"]["model"] == PLUGIN and result["manifest"]["bytes_per_item"] == 4 * (8 + 1)  # vector + bias
+    assert result["http_status"] == 200 and result["http"]["model"] == PLUGIN
+    http = {str(item): score for item, score in zip(result["http"]["items"], result["http"]["scores"])}
+    assert http == pytest.approx(result["python_scores"], abs=1e-6)
+
 
 # -- plugins that are wrong -----------------------------------------------------------------------
 
