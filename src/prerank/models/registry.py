@@ -26,10 +26,14 @@ NOT_FOUND_HINT = (f"A model from another package is found once that package is i
                   f"{ENTRY_POINT_GROUP!r} entry point)")
 
 
-def describe_entry_point(entry_point: EntryPoint) -> str:
+def distribution_of(entry_point: EntryPoint) -> str:
     dist = entry_point.dist
-    origin = f"distribution {dist.name} {dist.version}" if dist is not None else "an unknown distribution"
-    return f"entry point '{entry_point.name} = {entry_point.value}' (group {ENTRY_POINT_GROUP!r}) of {origin}"
+    return f"{dist.name} {dist.version}" if dist is not None else "unknown"
+
+
+def describe_entry_point(entry_point: EntryPoint) -> str:
+    return (f"entry point '{entry_point.name} = {entry_point.value}' (group {ENTRY_POINT_GROUP!r}) of distribution "
+            f"{distribution_of(entry_point)}")
 
 
 class ModelRegistry(Mapping):
@@ -87,8 +91,7 @@ class ModelRegistry(Mapping):
                                                 f"failed to load: {type(err).__name__}: {err}")
             return
         self._models[entry_point.name] = cls
-        dist = entry_point.dist
-        self._origins[entry_point.name] = f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
+        self._origins[entry_point.name] = distribution_of(entry_point)
 
     def _check_plugin(self, name: str, cls) -> None:
         base = self._base
