@@ -151,14 +151,18 @@ def evaluate(
 
 @app.command()
 def models() -> None:
-    """List the registered models."""
-    from prerank.models.base import REGISTRY, get_model_class
+    """List the registered models, those of installed plugin packages included."""
+    from prerank.models.base import REGISTRY
 
-    get_model_class("two_tower")
     for name, cls in sorted(REGISTRY.items()):
         kind = "ranker" if cls.is_ranker else ("pre-ranker" if cls.decoupled else "pre-ranker, not decoupled")
+        if REGISTRY.origin(name):
+            kind += f", plugin {REGISTRY.origin(name)}"
         doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
-        typer.echo(f"{name:14s} {kind}: {doc.strip().splitlines()[0]}")
+        typer.echo(f"{name:14s} {kind}: {(doc.strip().splitlines() or [''])[0]}")
+    problems = REGISTRY.problems()
+    if problems:
+        _fail("\n".join(problems[name] for name in sorted(problems)))
 
 
 @app.command()

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from prerank.data.schema import Schema
+from prerank.models.registry import ModelRegistry
 
 State = dict[str, Tensor]
 # The batch key of a listwise batch's candidate mask [B, N] (True = a real candidate, not padding).
@@ -203,14 +204,12 @@ def gather_items(table: State, rows: Tensor) -> State:
     return {k: v.index_select(0, rows.reshape(-1)).reshape(*rows.shape, *v.shape[1:]) for k, v in table.items()}
 
 
-REGISTRY: dict[str, type[PreRankModel]] = {}
+# Built-in models and those of `prerank.models` entry points (read on first need; see registry.py).
+REGISTRY = ModelRegistry(PreRankModel)
 
 
 def register(cls: type[PreRankModel]) -> type[PreRankModel]:
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    REGISTRY[cls.name] = cls
-    return cls
+    return REGISTRY.add(cls)
 
 
 def config_dataclass(cls):
@@ -230,9 +229,7 @@ def make_config(name: str, overrides: dict | None = None):
 def get_model_class(name: str) -> type[PreRankModel]:
     import prerank.models  # noqa: F401  (registers the models)
 
-    if name not in REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered: {sorted(REGISTRY)}")
-    return REGISTRY[name]
+    return REGISTRY.lookup(name)
 
 
 def create_model(name: str, schema: Schema, overrides: dict | None = None) -> PreRankModel:
