@@ -83,12 +83,6 @@ class PreRankModel(nn.Module):
     # full `score` re-scores (evaluated as a pipeline by `prerank.train.two_stage`).
     two_level: ClassVar[bool] = False
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if "forward" in cls.__dict__:
-            raise TypeError(f"{cls.__name__} overrides forward: a model keeps the contract through encode_items, "
-                            "encode_user, score and the training hooks of PreRankModel")
-
     def __init__(self, schema: Schema, config: Any) -> None:
         super().__init__()
         self.schema = schema

@@ -51,6 +51,7 @@ class ModelRegistry(Mapping):
     def add(self, cls: type) -> type:
         if not cls.name:
             raise ValueError(f"{cls.__name__} has no name")
+        self._check_forward(cls)
         taken = self._models.get(cls.name)
         if taken is not None and taken is not cls:
             raise ValueError(f"model name {cls.name!r} is already registered by {taken.__module__}.{taken.__qualname__}")
@@ -100,12 +101,15 @@ class ModelRegistry(Mapping):
         if cls.name != name:
             raise ValueError(f"its class says name = {cls.name!r}; the entry point's name must be the model's `name` "
                              "(checkpoints and artifacts record the model by that name)")
-        if cls.forward is not base.forward:
-            raise TypeError(f"{cls.__qualname__} defines `forward`; a model implements encode_items, encode_user and "
-                            "score, and the base class builds `forward` from them")
+        self._check_forward(cls)
         if not dataclasses.is_dataclass(cls.Config):
             raise TypeError(f"{cls.__qualname__}.Config is not a dataclass (decorate it with "
                             "prerank.models.base.config_dataclass)")
+
+    def _check_forward(self, cls: type) -> None:
+        if cls.forward is not self._base.forward:
+            raise TypeError(f"{cls.__qualname__} defines `forward`; a model implements encode_items, encode_user and "
+                            "score (and the training hooks), and the base class builds `forward` from them")
 
     # -- lookup ---------------------------------------------------------------------------------
     def lookup(self, name: str) -> type:
