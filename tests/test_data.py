@@ -41,7 +41,7 @@ def ml_ratings() -> list[str]:
 def test_movielens_loader_labels_features_and_gzip(tmp_path):
     for gz in (False, True):
         folder = write_ml(tmp_path / f"ml{gz}", ml_ratings(), gz=gz)
-        data = load_movielens(folder, ProtocolConfig(seq_len=5, embed_dim=4))
+        data = load_movielens(folder, ProtocolConfig(seq_len=5))
         total = sum(len(t) for t in data.splits.values())
         assert total == 3 * 11  # the one rating of 3 per user is dropped
         names = {side: [f.name for f in data.schema.side(side)] for side in ("user", "item")}
@@ -117,7 +117,7 @@ def test_temporal_protocol_uses_no_information_from_at_or_after_an_evaluated_row
     log, users, items = generate_log(n_users=60, n_items=40, events_per_user=15, seed=5)
     # Shared timestamps (two events a slot) make the strictness matter.
     log[TIMESTAMP] = log[TIMESTAMP] // 120
-    data = build_samples(log, users, items, synthetic_features(), ProtocolConfig(seq_len=6, embed_dim=4), "synthetic")
+    data = build_samples(log, users, items, synthetic_features(4), ProtocolConfig(seq_len=6), "synthetic")
     log = log.sort_values(["user", TIMESTAMP], kind="stable")
     train_items = set(np.asarray(data.item_raw_ids)[np.unique(data.train[ITEM_ROW])])
     vocab = {raw: i + 2 for i, raw in enumerate(data.vocabs["item_id"])}
@@ -141,7 +141,7 @@ def test_temporal_protocol_uses_no_information_from_at_or_after_an_evaluated_row
 
 
 def test_inttower_protocol_is_marked_leaky_and_reproduces_the_script():
-    data = load_synthetic(ProtocolConfig(name="inttower", seq_len=0, embed_dim=4), n_users=80, n_items=30, events_per_user=20)
+    data = load_synthetic(ProtocolConfig(name="inttower", seq_len=0), n_users=80, n_items=30, events_per_user=20, embed_dim=4)
     assert data.meta["leaks_labels"] and "leaks labels" in data.meta["note"]
     n = sum(len(t) for t in data.splits.values())
     assert len(data.test) == math.ceil(0.2 * n)  # sklearn's train_test_split(test_size=0.2)

@@ -16,7 +16,7 @@ from prerank.data.table import DataError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own-data"
 runner = CliRunner()
-SMALL = dict(seq_len=4, embed_dim=4)
+SMALL = dict(seq_len=4)
 
 
 def write_own(folder: Path, log: pd.DataFrame, yaml_text: str, users=None, items=None, parquet=False) -> Path:

@@ -49,8 +49,14 @@ def raw_value(data, feature, index):
     return data.vocabs[feature.vocab][index - FIRST_KNOWN_INDEX]
 
 
+def raw_dense(feature, scaled):
+    """The raw value that the feature's scaler maps to `scaled`: what a client sends."""
+    scaler = feature.scaler
+    return scaler.lo + float(scaled) * (scaler.hi - scaler.lo if scaler.hi > scaler.lo else 1.0)
+
+
 def raw_request(data, table, row):
-    """Raw user features and behaviour of sample `row`, decoded back through the vocabularies."""
+    """Raw user features and behaviour of sample `row`, decoded back through the vocabularies and scalers."""
     user_features, behaviour = {}, []
     for f in data.schema.user_features:
         value = table[f.name][row]
@@ -61,7 +67,7 @@ def raw_request(data, table, row):
         elif f.kind is Kind.CATEGORICAL:
             user_features[f.name] = raw_value(data, f, int(value))
         else:
-            user_features[f.name] = float(value)
+            user_features[f.name] = raw_dense(f, value)
     return user_features, behaviour
 
 
@@ -253,7 +259,8 @@ def test_dense_user_features_are_served_at_the_model_scale(tmp_path):
     from prerank.data.pipeline import ProtocolConfig
     from prerank.data.synthetic import load_synthetic
 
-    data = load_synthetic(ProtocolConfig(name="inttower", seq_len=6, embed_dim=8), n_users=80, n_items=40, events_per_user=15, seed=5)
+    data = load_synthetic(ProtocolConfig(name="inttower", seq_len=6), n_users=80, n_items=40, events_per_user=15, seed=5,
+                          embed_dim=8)
     assert any(f.kind is Kind.DENSE for f in data.schema.user_features)
     model = trained("two_tower", data)
     export_artifact(model, data, tmp_path / "artifact")
