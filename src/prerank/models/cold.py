@@ -30,7 +30,7 @@ Readings we chose where the paper is silent or our data differ (config options):
   group per (user field, item field) pair as the element-wise product of their embeddings;
   "none" drops them (the IntTower repository's COLD, and the paper's "no cross features" row).
 - Dense features are groups too: value x a learned vector of the embedding dim.
-- Embedding dim: the schema's (32 on our ML-1M pipeline), not the paper's 16.
+- Embedding dim: the option `embed_dim` (default the data's, 32 on our ML-1M pipeline); the paper's is `embed_dim=16`.
 - FCN activation ReLU with BatchNorm (`activation`, `batch_norm`); the paper names neither.
 - The FCN's 2-way softmax output is one logit (equivalent).
 - `linear_part`: the IntTower repository adds a logistic-regression term over all features.
