@@ -180,10 +180,10 @@ class Schema:
         """Embedding dim per table (vocabulary name)."""
         return {f.vocab: f.embed_dim for f in self.features if f.is_id}
 
-    def with_embed_dims(self, dims: int | Mapping[str, int] | None, option: str = "embed_dim") -> Schema:
-        """This schema with other embedding dims: one int for every table, or a mapping from table
+    def with_embed_dims(self, dims: int | Mapping[str, int] | None) -> Schema:
+        """This schema with a model's `embed_dim`: one int for every table, or a mapping from table
         (vocabulary) name, or from a feature name standing for its table, to a dim (tables not
-        named keep theirs); None changes nothing. `option` names the setting in error messages."""
+        named keep theirs); None changes nothing."""
         if dims is None:
             return self
         tables = self.embed_dims
@@ -195,16 +195,16 @@ class Schema:
                 elif key in self and self[key].is_id:
                     vocab = self[key].vocab
                 else:
-                    raise ValueError(f"{option}: no embedding table {key!r}; tables: {sorted(tables)}")
+                    raise ValueError(f"embed_dim: no embedding table {key!r}; tables: {sorted(tables)}")
                 if wanted.setdefault(vocab, dim) != dim:
                     sharing = sorted(f.name for f in self.features if f.is_id and f.vocab == vocab)
-                    raise ValueError(f"{option}: features {sharing} share the table {vocab!r} and so one dim, "
+                    raise ValueError(f"embed_dim: features {sharing} share the table {vocab!r} and so one dim, "
                                      f"got {wanted[vocab]} and {dim}")
         else:
             wanted = dict.fromkeys(tables, dims)
         for vocab, dim in wanted.items():
             if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-                raise ValueError(f"{option}: the dim of table {vocab!r} must be a positive integer, got {dim!r}")
+                raise ValueError(f"embed_dim: the dim of table {vocab!r} must be a positive integer, got {dim!r}")
         features = tuple(replace(f, embed_dim=wanted.get(f.vocab, f.embed_dim)) if f.is_id else f for f in self.features)
         return replace(self, features=features)
 

@@ -180,7 +180,7 @@ class COLD(PreRankModel):
         if len(set(dims.values())) > 1:
             raise ValueError(f"cold: its feature groups are stacked and need one embedding dim, got {dims}: give every "
                              "table one dim in the option embed_dim")
-        dim = next(f.embed_dim for f in schema.features if f.is_id)
+        dim = next(iter(dims.values())) if dims else next(f.embed_dim for f in schema.features if f.is_id)
         self.user_feature_names = [f.name for f in schema.user_features if f.name in needed]
         self.item_feature_names = [f.name for f in schema.item_features if f.name in needed]
         self.embeddings = EmbeddingBank(schema, init_std=c.embed_init_std, only=tuple(needed))

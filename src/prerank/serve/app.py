@@ -5,8 +5,9 @@
     GET  /healthz      liveness (the artifact is loaded)
 
 Bodies are pydantic models, so malformed JSON or wrong types are 422s with the framework's
-message; requests that parse but that the model cannot answer (an unknown feature, a dense value that
-is not a number, unknown candidates under `on_unknown="error"`, too many candidates) are 422s with the scorer's message.
+message; requests that parse but that the model cannot answer (an unknown feature, a dense value
+that is not a finite number, unknown candidates under `on_unknown="error"`, too many candidates)
+are 422s with the scorer's message.
 The scoring handler is `async` and scores on the event loop: a request is about a millisecond of
 CPU on one torch thread, and a thread-pool hop per request cost more CPU and widened the tail
 (measured with `prerank load-test`). Scale out with processes (`--workers`): they share the
