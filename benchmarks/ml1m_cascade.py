@@ -241,7 +241,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher, payload = load_checkpoint(Path(args.teacher))
-    protocol = ProtocolConfig(**payload["extra"]["data_source"]["protocol"])
+    protocol = ProtocolConfig.from_recorded(payload["extra"]["data_source"]["protocol"])
     data = load_movielens(args.data_dir, protocol, args.ratings_file, args.cache_dir)
     cascade_path = Path(args.cascade)
     if not cascade_path.exists():

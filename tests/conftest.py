@@ -21,7 +21,7 @@ def _threads():
 @pytest.fixture(scope="session")
 def small_data():
     """A small generated dataset under the leakage-free protocol."""
-    return load_synthetic(ProtocolConfig(seq_len=8, embed_dim=8), n_users=120, n_items=60, events_per_user=20, seed=3)
+    return load_synthetic(ProtocolConfig(seq_len=8), n_users=120, n_items=60, events_per_user=20, seed=3, embed_dim=8)
 
 
 @pytest.fixture(scope="session")

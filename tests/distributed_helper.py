@@ -42,7 +42,7 @@ class TwoTowerWithAux(TwoTower):
 
 
 def small_data():
-    return load_synthetic(ProtocolConfig(seq_len=8, embed_dim=8), n_users=120, n_items=60, events_per_user=20, seed=3)
+    return load_synthetic(ProtocolConfig(seq_len=8), n_users=120, n_items=60, events_per_user=20, seed=3, embed_dim=8)
 
 
 def aux_model(schema):

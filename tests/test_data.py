@@ -8,7 +8,7 @@ import pytest
 
 from prerank.data.movielens import load_movielens, read_double_colon
 from prerank.data.pipeline import ProtocolConfig, behaviour_sequences, build_samples, split_temporal
-from prerank.data.schema import OOV_INDEX, PAD_INDEX, Feature, Kind, Schema
+from prerank.data.schema import OOV_INDEX, PAD_INDEX, DenseScaler, Feature, Kind, Schema
 from prerank.data.synthetic import generate_log, load_synthetic, synthetic_features
 from prerank.data.table import ITEM_ROW, LABEL, TIMESTAMP, DataError, load_prepared
 
@@ -41,7 +41,7 @@ def ml_ratings() -> list[str]:
 def test_movielens_loader_labels_features_and_gzip(tmp_path):
     for gz in (False, True):
         folder = write_ml(tmp_path / f"ml{gz}", ml_ratings(), gz=gz)
-        data = load_movielens(folder, ProtocolConfig(seq_len=5, embed_dim=4))
+        data = load_movielens(folder, ProtocolConfig(seq_len=5))
         total = sum(len(t) for t in data.splits.values())
         assert total == 3 * 11  # the one rating of 3 per user is dropped
         names = {side: [f.name for f in data.schema.side(side)] for side in ("user", "item")}
@@ -93,6 +93,39 @@ def test_cache_is_reused_and_written_atomically(tmp_path):
     assert again.schema == first.schema
 
 
+def test_dense_scaler_maps_the_fitted_range_to_unit_and_missing_to_its_value():
+    scaler = DenseScaler.fit(np.array([4.0, np.nan, 10.0, 6.0]))
+    assert (scaler.lo, scaler.hi, scaler.missing) == (4.0, 10.0, 0.0)
+    np.testing.assert_allclose(scaler.apply([4.0, 7.0, 10.0, 13.0, np.nan]), [0.0, 0.5, 1.0, 1.5, 0.0])
+    assert scaler.apply(np.zeros((2, 3))).shape == (2, 3) and scaler.apply([1.0]).dtype == np.float32
+    np.testing.assert_allclose(DenseScaler.fit(np.array([3.0, 3.0])).apply([3.0, 5.0]), [0.0, 2.0])  # constant: shift only
+    assert DenseScaler.fit(np.array([np.nan])) == DenseScaler()  # nothing to fit: the identity
+    with pytest.raises(ValueError, match="finite"):
+        DenseScaler(0.0, float("inf"))
+    with pytest.raises(ValueError, match="below lo"):
+        DenseScaler(2.0, 1.0)
+
+
+def test_dense_features_carry_their_scaler_through_schema_cache_and_dicts(tmp_path):
+    data = load_synthetic(ProtocolConfig(seq_len=0), n_users=60, n_items=30, events_per_user=10, embed_dim=4)
+    log, users, items = generate_log(60, 30, 10, seed=0)
+    scaler = data.schema["popularity"].scaler
+    # Fitted on the items of train rows, and the catalogue column is that scaler over the raw values.
+    train_items = items.index[np.unique(data.train[ITEM_ROW])]
+    raw_train = items.loc[train_items, "popularity"].to_numpy()
+    assert (scaler.lo, scaler.hi) == (raw_train.min(), raw_train.max())
+    np.testing.assert_array_equal(data.items["popularity"], scaler.apply(items["popularity"].to_numpy()))
+    assert Schema.from_dict(data.schema.to_dict()) == data.schema
+    # A schema written before dense features had scalers does not load silently.
+    old = data.schema.to_dict()
+    for f in old["features"]:
+        f.pop("scaler")
+    with pytest.raises(ValueError, match="dense feature 'popularity' has no scaler"):
+        Schema.from_dict(old)
+    with pytest.raises(ValueError, match="only dense features take a scaler"):
+        Feature("x", "user", "categorical", 10, 4, scaler=DenseScaler())
+
+
 def test_temporal_split_takes_each_users_latest_events():
     user = np.repeat([1, 2, 3], [20, 10, 2])
     split = split_temporal(user, 0.1, 0.1)
@@ -117,7 +150,7 @@ def test_temporal_protocol_uses_no_information_from_at_or_after_an_evaluated_row
     log, users, items = generate_log(n_users=60, n_items=40, events_per_user=15, seed=5)
     # Shared timestamps (two events a slot) make the strictness matter.
     log[TIMESTAMP] = log[TIMESTAMP] // 120
-    data = build_samples(log, users, items, synthetic_features(), ProtocolConfig(seq_len=6, embed_dim=4), "synthetic")
+    data = build_samples(log, users, items, synthetic_features(4), ProtocolConfig(seq_len=6), "synthetic")
     log = log.sort_values(["user", TIMESTAMP], kind="stable")
     train_items = set(np.asarray(data.item_raw_ids)[np.unique(data.train[ITEM_ROW])])
     vocab = {raw: i + 2 for i, raw in enumerate(data.vocabs["item_id"])}
@@ -141,7 +174,7 @@ def test_temporal_protocol_uses_no_information_from_at_or_after_an_evaluated_row
 
 
 def test_inttower_protocol_is_marked_leaky_and_reproduces_the_script():
-    data = load_synthetic(ProtocolConfig(name="inttower", seq_len=0, embed_dim=4), n_users=80, n_items=30, events_per_user=20)
+    data = load_synthetic(ProtocolConfig(name="inttower", seq_len=0), n_users=80, n_items=30, events_per_user=20, embed_dim=4)
     assert data.meta["leaks_labels"] and "leaks labels" in data.meta["note"]
     n = sum(len(t) for t in data.splits.values())
     assert len(data.test) == math.ceil(0.2 * n)  # sklearn's train_test_split(test_size=0.2)

@@ -168,7 +168,7 @@ def test_storage_per_item_is_the_item_heads_plus_the_selection_logits(small_data
 
 
 def test_clear_errors(small_data):
-    no_sequence = load_synthetic(ProtocolConfig(seq_len=0, embed_dim=8), n_users=20, n_items=10, events_per_user=5, seed=1)
+    no_sequence = load_synthetic(ProtocolConfig(seq_len=0), n_users=20, n_items=10, events_per_user=5, seed=1, embed_dim=8)
     with pytest.raises(ValueError, match="behaviour-sequence feature"):
         create_model("fit", no_sequence.schema, SMALL)
     create_model("fit", no_sequence.schema, {**SMALL, "use_mqm": False})  # w/o MQM needs no sequence

@@ -16,7 +16,7 @@ from prerank.data.table import DataError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own-data"
 runner = CliRunner()
-SMALL = dict(seq_len=4, embed_dim=4)
+SMALL = dict(seq_len=4)
 
 
 def write_own(folder: Path, log: pd.DataFrame, yaml_text: str, users=None, items=None, parquet=False) -> Path:
@@ -163,3 +163,37 @@ def test_data_check_reports_errors_without_traceback(tmp_path):
     (tmp_path / "d.yaml").write_text("files: {log: nowhere.csv}\ncolumns: {user_id: u, item_id: i, timestamp: t}\n")
     result = runner.invoke(app, ["data", "check", str(tmp_path / "d.yaml")])
     assert result.exit_code == 2 and "nowhere.csv: file not found" in result.output
+
+
+def test_set_embed_dim_changes_the_model_and_reuses_the_preprocessing_cache(tmp_path):
+    import torch
+
+    cache = tmp_path / "cache"
+    common = ["train", "--dataset", str(EXAMPLE / "dataset.yaml"), "--epochs", "1", "--batch-size", "512",
+              "--set", "hidden=[16]", "--no-progress", "--cache-dir", str(cache)]
+    first = runner.invoke(app, [*common, "--out", str(tmp_path / "default")])
+    assert first.exit_code == 0, first.output
+    assert f"preprocessing (cached at {cache}" in first.output and "reusing" not in first.output
+    [entry] = list(cache.iterdir())
+    second = runner.invoke(app, [*common, "--set", "embed_dim=8", "--out", str(tmp_path / "dim8")])
+    assert second.exit_code == 0, second.output
+    assert f"reusing cached preprocessing at {entry}" in second.output
+    assert list(cache.iterdir()) == [entry]  # no second preprocessing
+    shapes = {}
+    for run in ("default", "dim8"):
+        state = torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["state_dict"]
+        shapes[run] = {k: v.shape[1] for k, v in state.items() if ".tables." in k}
+    assert shapes["default"] and set(shapes["default"].values()) == {16}  # the YAML's embed_dim: 16
+    assert shapes["dim8"].keys() == shapes["default"].keys() and set(shapes["dim8"].values()) == {8}
+    assert json.loads((tmp_path / "dim8" / "metrics.json").read_text())["model_config"]["embed_dim"] == 8
+    # --embed-dim is the same option; disagreeing with --set is an error.
+    third = runner.invoke(app, [*common, "--embed-dim", "8", "--out", str(tmp_path / "flag")])
+    assert third.exit_code == 0, third.output
+    state = torch.load(tmp_path / "flag" / "checkpoint.pt", weights_only=True)["state_dict"]
+    assert {k: v.shape[1] for k, v in state.items() if ".tables." in k} == shapes["dim8"]
+    clash = runner.invoke(app, [*common, "--embed-dim", "8", "--set", "embed_dim=4", "--out", str(tmp_path / "clash")])
+    assert clash.exit_code == 2 and "--embed-dim and --set embed_dim=... disagree" in clash.output
+    # The checkpoint re-evaluates on the cached data with its own dims.
+    evaluated = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "dim8" / "checkpoint.pt"), "--cache-dir", str(cache)])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["auc"] == json.loads((tmp_path / "dim8" / "metrics.json").read_text())["test"]["auc"]

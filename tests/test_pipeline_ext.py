@@ -31,8 +31,8 @@ def implicit_log(n_users=30, n_items=25, events=8, seed=1):
 
 def test_sampled_negatives_avoid_the_users_items_keep_their_positives_split_and_time():
     log, users, items = implicit_log()
-    protocol = ProtocolConfig(name="leave_last_out", seq_len=4, embed_dim=4, negatives=3, seed=5)
-    data = build_samples(log, users, items, synthetic_features(), protocol, "implicit")
+    protocol = ProtocolConfig(name="leave_last_out", seq_len=4, negatives=3, seed=5)
+    data = build_samples(log, users, items, synthetic_features(4), protocol, "implicit")
     touched = log.groupby(USER)[ITEM].agg(set)
     uid = {i + 2: raw for i, raw in enumerate(data.vocabs["user_id"])}
     for name, table in data.splits.items():
@@ -72,7 +72,7 @@ def test_context_from_log_prebuilt_sequence_and_min_count():
     specs = [FeatureSpec("user_id", Side.USER, Kind.CATEGORICAL), FeatureSpec("segment", Side.USER, Kind.CATEGORICAL),
              FeatureSpec("device", Side.CONTEXT, Kind.CATEGORICAL, min_count=2),
              FeatureSpec("item_id", Side.ITEM, Kind.CATEGORICAL), FeatureSpec("brand", Side.ITEM, Kind.CATEGORICAL)]
-    protocol = ProtocolConfig(name="leave_last_out", seq_len=2, embed_dim=4)
+    protocol = ProtocolConfig(name="leave_last_out", seq_len=2)
     data = build_samples(log, users, items, specs, protocol, "toy", sequence_column="hist")
     assert [f.name for f in data.schema.side("context")] == ["device"]
     # Train rows: device a,b,a (user 1) and b,b,a (user 2): a and b seen twice, c/z never -> OOV.
@@ -91,13 +91,13 @@ def test_context_from_log_prebuilt_sequence_and_min_count():
 def test_log_rows_naming_unknown_items_are_an_error():
     log, users, items = implicit_log()
     with pytest.raises(ValueError, match="missing from the item table"):
-        build_samples(log, users, items.iloc[:-3], synthetic_features(), ProtocolConfig(seq_len=0, embed_dim=4), "x")
+        build_samples(log, users, items.iloc[:-3], synthetic_features(4), ProtocolConfig(seq_len=0), "x")
 
 
 @pytest.fixture(scope="module")
 def ranked():
     log, users, items = implicit_log(n_users=25, n_items=30, events=6, seed=2)
-    data = build_samples(log, users, items, synthetic_features(), ProtocolConfig(seq_len=3, embed_dim=4, negatives=2),
+    data = build_samples(log, users, items, synthetic_features(4), ProtocolConfig(seq_len=3, negatives=2),
                          "implicit")
     torch.manual_seed(0)
     model = create_model("two_tower", data.schema, {"hidden": [8]}).eval()

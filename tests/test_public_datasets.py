@@ -19,7 +19,7 @@ from prerank.data.taobao import load_taobao_ad, load_taobao_userbehavior
 _CANDIDATES = [Path(__file__).resolve().parents[1].parent / "shared" / "data", Path("/work/shared/data")]
 SHARED = next((c for c in _CANDIDATES if c.exists()), _CANDIDATES[0])
 
-SMALL = dict(seq_len=4, embed_dim=4)
+SMALL = dict(seq_len=4)
 
 
 def userbehavior_lines(n_users=5, events=6):

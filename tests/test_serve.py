@@ -49,8 +49,14 @@ def raw_value(data, feature, index):
     return data.vocabs[feature.vocab][index - FIRST_KNOWN_INDEX]
 
 
+def raw_dense(feature, scaled):
+    """The raw value that the feature's scaler maps to `scaled`: what a client sends."""
+    scaler = feature.scaler
+    return scaler.lo + float(scaled) * (scaler.hi - scaler.lo if scaler.hi > scaler.lo else 1.0)
+
+
 def raw_request(data, table, row):
-    """Raw user features and behaviour of sample `row`, decoded back through the vocabularies."""
+    """Raw user features and behaviour of sample `row`, decoded back through the vocabularies and scalers."""
     user_features, behaviour = {}, []
     for f in data.schema.user_features:
         value = table[f.name][row]
@@ -61,7 +67,7 @@ def raw_request(data, table, row):
         elif f.kind is Kind.CATEGORICAL:
             user_features[f.name] = raw_value(data, f, int(value))
         else:
-            user_features[f.name] = float(value)
+            user_features[f.name] = raw_dense(f, value)
     return user_features, behaviour
 
 
@@ -248,12 +254,15 @@ def test_load_test_accepts_loopback_only():
         check_loopback("http://example.com:8000")
 
 
-def test_dense_user_features_are_served_at_the_model_scale(tmp_path):
-    """The inttower protocol adds a dense user feature (user mean rating): HTTP still equals forward."""
+def test_dense_user_features_of_the_inttower_protocol_are_served_raw(tmp_path):
+    """The inttower protocol adds a dense user feature (user mean rating), sent raw: HTTP still equals forward.
+    (Its test rows are scaled by test statistics, as the paper's script does; `raw_request` unscales them
+    with the schema's train scaler, the one serving applies.)"""
     from prerank.data.pipeline import ProtocolConfig
     from prerank.data.synthetic import load_synthetic
 
-    data = load_synthetic(ProtocolConfig(name="inttower", seq_len=6, embed_dim=8), n_users=80, n_items=40, events_per_user=15, seed=5)
+    data = load_synthetic(ProtocolConfig(name="inttower", seq_len=6), n_users=80, n_items=40, events_per_user=15, seed=5,
+                          embed_dim=8)
     assert any(f.kind is Kind.DENSE for f in data.schema.user_features)
     model = trained("two_tower", data)
     export_artifact(model, data, tmp_path / "artifact")
@@ -268,3 +277,103 @@ def test_dense_user_features_are_served_at_the_model_scale(tmp_path):
         torch.testing.assert_close(torch.tensor([served[c] for c in data.item_raw_ids.tolist()]), expected, atol=1e-5, rtol=1e-5)
     bad = client.post("/v1/prerank", json={"user_features": {**user_features, "user_mean_rating": "high"}, "candidates": [1]})
     assert bad.status_code == 422 and "user_mean_rating" in bad.text
+
+
+@pytest.fixture(scope="module")
+def raw_dense_data(tmp_path_factory):
+    """Own data with raw dense features on every side: a user's income (one unknown), the hour of the
+    event (context) and an item's price. Returns the prepared data and the raw tables."""
+    import pandas as pd
+
+    from prerank.data.owndata import load_own_data
+    from prerank.data.pipeline import ProtocolConfig
+
+    folder = tmp_path_factory.mktemp("raw_dense")
+    n_users, n_items, events = 24, 12, 10
+    users = pd.DataFrame({"u": [f"u{k}" for k in range(n_users)],
+                          "income": [np.nan if k == 3 else 20_000.0 + 3_500.0 * k for k in range(n_users)]})
+    items = pd.DataFrame({"i": [f"i{k}" for k in range(n_items)], "brand": list("abcd") * 3,
+                          "price": [2.5 * k + 10 for k in range(n_items)]})
+    log = pd.DataFrame([{"u": f"u{u}", "i": f"i{(u * 5 + e) % n_items}", "t": 3600 * (7 * u + e) + 60,
+                         "hour": (7 * u + e) % 24, "y": int((u + 2 * e) % 3 == 0)}
+                        for u in range(n_users) for e in range(events)])
+    for name, frame in (("log", log), ("users", users), ("items", items)):
+        frame.to_csv(folder / f"{name}.csv", index=False)
+    (folder / "d.yaml").write_text("""
+files: {log: log.csv, users: users.csv, items: items.csv}
+columns: {user_id: u, item_id: i, timestamp: t, label: y}
+embed_dim: 8
+features:
+  - {name: income, side: user, kind: dense}
+  - {name: hour, side: context, kind: dense}
+  - {name: brand, side: item, kind: categorical}
+  - {name: price, side: item, kind: dense}
+""")
+    return load_own_data(folder / "d.yaml", ProtocolConfig(seq_len=4)), users.set_index("u")
+
+
+def raw_dense_request(data, users, table, row):
+    """Sample `row` as a client sends it: ids decoded, dense features RAW (not the scaled table values)."""
+    user_features, behaviour = raw_request(data, table, row)
+    raw_user = data.vocabs["user_id"][int(table["user_id"][row]) - FIRST_KNOWN_INDEX]
+    income = users.loc[raw_user, "income"]
+    user_features["income"] = None if np.isnan(income) else float(income)
+    user_features["hour"] = int(table["timestamp"][row] // 3600 % 24)
+    return user_features, behaviour
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_raw_dense_values_over_http_score_as_forward_on_the_scaled_table(name, raw_dense_data, tmp_path):
+    data, users = raw_dense_data
+    model = trained(name, data)
+    export_artifact(model, data, tmp_path / "artifact")
+    scorer = Scorer.load(tmp_path / "artifact")
+    client = TestClient(create_app(scorer))
+    table, item_rows = data.test, np.arange(len(data.item_raw_ids))
+    rows = [0, len(table) // 2, len(table) - 1]
+    for row in rows:
+        user_features, behaviour = raw_dense_request(data, users, table, row)
+        # The table holds scaled values; the request holds raw ones, and the scorer scales them alike.
+        encoded = scorer.encode_request(user_features, behaviour)
+        for f in ("income", "hour"):
+            assert encoded[f].item() == table[f][row], (f, user_features[f])
+        body = client.post("/v1/prerank", json={"user_features": user_features, "behaviour": behaviour,
+                                                "candidates": data.item_raw_ids.tolist(), "k": len(item_rows)})
+        assert body.status_code == 200, body.text
+        served = dict(zip(body.json()["items"], body.json()["scores"]))
+        expected = forward_logits(model, data, table, row, item_rows)
+        torch.testing.assert_close(torch.tensor([served[c] for c in data.item_raw_ids.tolist()]), expected, atol=1e-5, rtol=1e-5)
+    assert max(abs(raw_dense_request(data, users, table, r)[0]["income"] or 0) for r in rows) > 1_000  # really raw
+    assert any(raw_dense_request(data, users, table, r)[0]["income"] is None for r in range(len(table)))
+
+
+def test_bad_dense_values_are_422s_naming_the_field(raw_dense_data, tmp_path):
+    data, users = raw_dense_data
+    export_artifact(trained("two_tower", data), data, tmp_path / "artifact")
+    scorer = Scorer.load(tmp_path / "artifact")
+    client = TestClient(create_app(scorer))
+    user_features, behaviour = raw_dense_request(data, users, data.test, 0)
+    good = {"user_features": user_features, "behaviour": behaviour, "candidates": data.item_raw_ids[:3].tolist()}
+    assert client.post("/v1/prerank", json=good).status_code == 200
+    for value, message in [(float("nan"), "not finite"), (float("inf"), "not finite"), ("rich", "takes a number"),
+                           ("35000", "takes a number"), (True, "takes a number"), ([1.0], "takes a number")]:
+        body = json.dumps({**good, "user_features": {**user_features, "income": value}})  # NaN/Infinity as JSON literals
+        response = client.post("/v1/prerank", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 422, (value, response.text)
+        assert "dense user feature 'income'" in response.text and message in response.text, (value, response.text)
+    # Null is a missing value, scaled as the pipeline scales one.
+    missing = scorer.encode_request({**user_features, "income": None}, behaviour)["income"].item()
+    assert missing == data.schema["income"].scaler.missing
+    info = client.get("/v1/model").json()
+    assert {f["name"]: f.get("scaler") for f in info["user_features"]}["income"]["lo"] == users["income"].min()
+
+
+def test_an_artifact_without_dense_scalers_fails_to_load(raw_dense_data, tmp_path):
+    data, _ = raw_dense_data
+    export_artifact(trained("two_tower", data), data, tmp_path / "artifact")
+    spec = json.loads((tmp_path / "artifact" / "model.json").read_text())
+    for f in spec["schema"]["features"]:
+        f.pop("scaler")
+    (tmp_path / "artifact" / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(ArtifactError, match=r"model\.json: dense feature 'income' has no scaler .* re-export"):
+        load_artifact(tmp_path / "artifact", verify=False)

@@ -91,7 +91,7 @@ def test_tarq_needs_a_behaviour_sequence():
     from prerank.data.pipeline import ProtocolConfig
     from prerank.data.synthetic import load_synthetic
 
-    data = load_synthetic(ProtocolConfig(seq_len=0, embed_dim=4), n_users=20, n_items=10, events_per_user=5)
+    data = load_synthetic(ProtocolConfig(seq_len=0), n_users=20, n_items=10, events_per_user=5, embed_dim=4)
     with pytest.raises(ValueError, match="needs a behaviour-sequence"):
         create_model("tarq", data.schema)
 

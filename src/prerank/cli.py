@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,6 +20,32 @@ from prerank.data_cli import data_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-ranking models for cascade recommender systems.")
 app.add_typer(data_app, name="data")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes (test runners swap it per command)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+@app.callback()
+def _log_to_stderr() -> None:
+    """The package's info lines (e.g. "reusing cached preprocessing at ...") go to stderr."""
+    logger = logging.getLogger("prerank")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 ML1M_HINT = (
     "prerank train --dataset ml-1m --data-dir ../shared/data/ml-1m "
@@ -64,7 +91,8 @@ def train(
     ratings_file: Optional[str] = typer.Option(None, help="ratings file, relative to --data-dir or absolute"),
     protocol: str = typer.Option("temporal", help="temporal (leakage-free), leave_last_out, or inttower (paper protocol, leaks labels)"),
     seq_len: int = typer.Option(50, help="behaviour sequence length; 0 drops the feature"),
-    embed_dim: int = typer.Option(32, help="embedding dim of every id feature"),
+    embed_dim: Optional[int] = typer.Option(None, help="embedding dim of every id table: the model option embed_dim "
+                                            "(same as --set embed_dim=N); default: the dataset's (32)"),
     negatives: Optional[int] = typer.Option(None, help="sampled negatives per positive (implicit data default 4)"),
     epochs: int = typer.Option(10),
     batch_size: int = typer.Option(2048),
@@ -87,7 +115,12 @@ def train(
     from prerank.train.trainer import TrainConfig
 
     try:
-        protocol_config = ProtocolConfig(name=protocol, seq_len=seq_len, embed_dim=embed_dim, negatives=negatives)
+        protocol_config = ProtocolConfig(name=protocol, seq_len=seq_len, negatives=negatives)
+        model_overrides = parse_overrides(set_)
+        if embed_dim is not None:
+            if model_overrides.get("embed_dim", embed_dim) != embed_dim:
+                raise ValueError("--embed-dim and --set embed_dim=... disagree; give one")
+            model_overrides["embed_dim"] = embed_dim
         train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
                                    device=device, num_threads=threads, progress=progress)
         source = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "ratings_file": ratings_file,
@@ -108,7 +141,7 @@ def train(
             lists, loss = load_cascade(cascade), (HybridLossConfig(**loss_overrides) if loss_overrides else None)
         elif hybrid:
             raise ValueError("--hybrid sets the hybrid loss of --cascade training; give --cascade too")
-        metrics = run_training(data, model, train_config, parse_overrides(set_), out, source, lists, loss)
+        metrics = run_training(data, model, train_config, model_overrides, out, source, lists, loss)
     except (DataError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     from prerank.train.distributed import context as distributed_context

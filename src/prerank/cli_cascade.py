@@ -54,7 +54,7 @@ def build(
         source = payload["extra"].get("data_source") or {}
         if not source:
             _fail(f"{teacher}: no data source recorded; retrain with `prerank train`")
-        data = load_dataset(source["dataset"], data_dir or source["data_dir"], ProtocolConfig(**source["protocol"]),
+        data = load_dataset(source["dataset"], data_dir or source["data_dir"], ProtocolConfig.from_recorded(source["protocol"]),
                             source.get("ratings_file"), cache_dir or default_cache_dir())
         retriever_model = load_checkpoint(retriever)[0] if retriever else None
         cascade = build_cascade(data, teacher_model, config, retriever_model, progress=typer.echo)

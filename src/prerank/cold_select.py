@@ -42,7 +42,7 @@ def cold_select(
         source = payload["extra"].get("data_source") or {}
         if not source:
             _fail(f"{checkpoint}: no data source recorded; retrain with `prerank train`")
-        data = load_dataset(source["dataset"], data_dir or source["data_dir"], ProtocolConfig(**source["protocol"]),
+        data = load_dataset(source["dataset"], data_dir or source["data_dir"], ProtocolConfig.from_recorded(source["protocol"]),
                             source.get("ratings_file"), cache_dir or default_cache_dir())
         ranking = rank_feature_groups(model, data.valid, sample_rows=sample_rows)
         typer.echo(f"feature groups by mean SE weight over {min(sample_rows, len(data.valid))} validation rows:")

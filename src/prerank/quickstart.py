@@ -14,7 +14,7 @@ from prerank.train.trainer import TrainConfig
 
 def run_quickstart(epochs: int = 5, out: Path = Path("runs/quickstart"), models: tuple[str, ...] = ("two_tower",)) -> list[dict]:
     console = Console()
-    data = load_synthetic()
+    data = load_synthetic(embed_dim=16)  # a small default, for a run of seconds
     console.print(f"[bold]prerank quickstart[/bold]: {data.meta['dataset_label']}, protocol {data.meta['protocol']}, "
                   f"{len(data.train):,} train / {len(data.valid):,} valid / {len(data.test):,} test rows")
     results = []

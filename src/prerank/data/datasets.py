@@ -65,5 +65,5 @@ def load_recorded(source: dict, data_dir: str | Path | None = None, cache_dir: s
     """Reload the data a checkpoint was trained on, from the `data_source` it records."""
     if not source:
         raise ValueError("no data source recorded; retrain with `prerank train`")
-    return load_dataset(source["dataset"], data_dir or source.get("data_dir"), ProtocolConfig(**source["protocol"]),
+    return load_dataset(source["dataset"], data_dir or source.get("data_dir"), ProtocolConfig.from_recorded(source["protocol"]),
                         source.get("ratings_file"), cache_dir or default_cache_dir())

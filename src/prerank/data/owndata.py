@@ -12,7 +12,8 @@
       label: clicked                # 0/1; omit for implicit feedback (every row a positive)
       label_threshold: null         # numeric label column: positive if value >= threshold
       grade: null                   # optional graded relevance (integers)
-    embed_dim: null                 # embedding dim of every id feature (default: --embed-dim)
+    embed_dim: null                 # default embedding dim of every id feature (null: 32; a model's
+                                    # embed_dim option overrides it)
     features:
       - {name: age, side: user, kind: categorical, vocab: {min_count: 2}}
       - {name: tags, side: item, kind: multi_categorical, separator: "|"}
@@ -24,8 +25,11 @@
 
 Where features come from: user-side features from the users file when it has the column, else
 from the log (then they must be constant per user); item-side likewise; context features from
-the log, per row. A feature's own `embed_dim` must equal that of the other features of its side
-(user + context, or item): the models stack a side's embeddings as fields. Ids are read as strings. Ids, attribute values and sequence items never seen in
+the log, per row. Embedding dims here are defaults that a model's `embed_dim` option overrides
+(`prerank train --set embed_dim=16` reuses the preprocessing cache). A feature's own `embed_dim`
+must equal that of the other features of its side (user + context, or item): the models stack a
+side's embeddings as fields. Dense values are min-max scaled on the fitted rows; the scaler is
+stored with the schema, so a served model takes raw values. Ids are read as strings. Ids, attribute values and sequence items never seen in
 the fitted rows map to the out-of-vocabulary index, as do users/items missing from their files
 (counted in `prerank data check`). Every protocol applies (`--protocol`); the behaviour-sequence
 length is `--seq-len`.

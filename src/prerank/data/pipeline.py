@@ -27,6 +27,11 @@ counts as seen in train for the vocabularies (the catalogue is known at training
 
 Context features whose column is in the log are read per row from it; a pre-built
 behaviour-sequence column in the log can replace the one built from the log (`sequence_column`).
+
+Dense features are min-max scaled with a `DenseScaler` fitted on the fitted rows (train, or all
+rows under ``inttower``); a missing value becomes 0. The scaler is stored in the schema, so serving
+scales raw request values the same way. Embedding dims are not protocol: the schema gets each
+spec's own dim or `DEFAULT_EMBED_DIM`, and a model's `embed_dim` option replaces them.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from prerank.data.schema import FIRST_KNOWN_INDEX, OOV_INDEX, PAD_INDEX, Feature, Kind, Schema, Side
+from prerank.data.schema import FIRST_KNOWN_INDEX, OOV_INDEX, PAD_INDEX, DenseScaler, Feature, Kind, Schema, Side
 from prerank.data.table import GRADE, ITEM_ROW, LABEL, TIMESTAMP, PreparedData, SampleTable
 
 PROTOCOLS = ("temporal", "inttower", "leave_last_out")
@@ -49,6 +54,8 @@ LEAKAGE_NOTE = (
 
 # Log columns after a loader has renamed its own.
 USER, ITEM = "user", "item"
+# The schema's embedding dim of an id feature whose spec sets none (a model's `embed_dim` overrides it).
+DEFAULT_EMBED_DIM = 32
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class FeatureSpec:
     side: Side
     kind: Kind
     column: str = ""  # column in the user or item table; defaults to `name`
-    embed_dim: int | None = None  # None: the build's default embedding dim
+    embed_dim: int | None = None  # the schema's default dim for this table; None: DEFAULT_EMBED_DIM
     max_len: int = 0  # bags: 0 means the longest bag seen
     # Values seen fewer times map to OOV; counted over fitted events for the user/item ids and
     # context features, over fitted users/items for user/item attributes.
@@ -76,7 +83,6 @@ class ProtocolConfig:
     test_fraction: float = 0.1
     seq_len: int = 50  # 0: no behaviour-sequence feature
     seed: int = 2022  # the inttower protocol's random split and the negative draw
-    embed_dim: int = 32
     # Sampled negatives per positive (implicit feedback). None: the dataset's default (0 for
     # explicit logs); the draw is seeded by `seed`.
     negatives: int | None = None
@@ -90,6 +96,12 @@ class ProtocolConfig:
             raise ValueError("seq_len must be >= 0")
         if self.negatives is not None and self.negatives < 0:
             raise ValueError("negatives must be >= 0")
+
+    @classmethod
+    def from_recorded(cls, recorded: dict) -> ProtocolConfig:
+        """The protocol a checkpoint or result recorded. Runs before embedding dims became model
+        options recorded `embed_dim` here; the model's schema holds those dims, so it is dropped."""
+        return cls(**{k: v for k, v in recorded.items() if k != "embed_dim"})
 
 
 @dataclass
@@ -238,12 +250,6 @@ def _encode_bag(lists: pd.Series, vocab: Vocab, max_len: int) -> np.ndarray:
     return out
 
 
-def _minmax(values: np.ndarray, fit_on: np.ndarray) -> np.ndarray:
-    lo, hi = np.nanmin(fit_on), np.nanmax(fit_on)
-    scale = hi - lo if hi > lo else 1.0
-    return np.nan_to_num((values - lo) / scale).astype(np.float32)
-
-
 def build_samples(
     log: pd.DataFrame,
     users: pd.DataFrame,
@@ -299,7 +305,7 @@ def build_samples(
         table, seen, rows = (items, seen_items, item_row) if spec.side is Side.ITEM else (users, seen_users, user_row)
         if spec.side is Side.CONTEXT and spec.source() in log.columns:
             table, seen, rows = log, log[fit_rows], np.arange(len(log))
-        dim = spec.embed_dim or protocol.embed_dim
+        dim = spec.embed_dim or DEFAULT_EMBED_DIM
         if spec is user_id_spec or spec is item_id_spec:
             raw = seen.index.to_numpy()
             vocabs[spec.name] = Vocab.fit(raw) if spec.min_count <= 1 else Vocab.fit(table.index[rows[fit_rows]], spec.min_count)
@@ -316,9 +322,9 @@ def build_samples(
             encoded = _encode_bag(bags, vocabs[spec.name], max_len)
             schema_features.append(Feature(spec.name, spec.side, spec.kind, len(vocabs[spec.name]), dim, max_len))
         elif spec.kind is Kind.DENSE:
-            raw = table[spec.source()].to_numpy(dtype=np.float64)
-            encoded = _minmax(raw, seen[spec.source()].to_numpy(dtype=np.float64))
-            schema_features.append(Feature(spec.name, spec.side, spec.kind))
+            scaler = DenseScaler.fit(seen[spec.source()].to_numpy(dtype=np.float64))
+            encoded = scaler.apply(table[spec.source()].to_numpy(dtype=np.float64))
+            schema_features.append(Feature(spec.name, spec.side, spec.kind, scaler=scaler))
         else:
             raise ValueError(f"feature {spec.name!r}: kind {spec.kind.value} cannot come from an attribute table")
         columns[spec.name] = encoded[rows]
@@ -354,16 +360,19 @@ def build_samples(
         for side_name, key in (("user_mean_rating", USER), ("item_mean_rating", ITEM)):
             values = np.zeros(len(log), dtype=np.float32)
             # Train statistics cover train + validation rows (the script splits validation off later).
-            for rows in (split != 2, split == 2):
+            # Each split is scaled by its own min and max, as the script does; the schema keeps the
+            # train split's scaler, which serving applies to a raw mean sent in a request.
+            for rows in (split == 2, split != 2):
                 means = log.loc[rows, [key, LABEL]].groupby(key)[LABEL].transform("mean").to_numpy()
-                values[rows] = _minmax(means, means)
+                scaler = DenseScaler.fit(means)
+                values[rows] = scaler.apply(means)
             columns[side_name] = values
             side = Side.USER if key == USER else Side.ITEM
-            schema_features.append(Feature(side_name, side, Kind.DENSE))
+            schema_features.append(Feature(side_name, side, Kind.DENSE, scaler=scaler))
         # For the catalogue (serving), each item's mean label over the train split.
         train_means = log.loc[split != 2].groupby(ITEM)[LABEL].mean()
         per_item = train_means.reindex(items.index).fillna(train_means.mean()).to_numpy()
-        catalogue["item_mean_rating"] = _minmax(per_item, train_means.to_numpy())
+        catalogue["item_mean_rating"] = DenseScaler.fit(train_means.to_numpy()).apply(per_item)
 
     columns[LABEL] = label
     columns[ITEM_ROW] = item_row.astype(np.int32)

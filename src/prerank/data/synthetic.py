@@ -51,13 +51,14 @@ def generate_log(
     return log, users, items
 
 
-def synthetic_features() -> list[FeatureSpec]:
+def synthetic_features(embed_dim: int | None = None) -> list[FeatureSpec]:
+    """`embed_dim`: the schema's default dim of every id feature (None: DEFAULT_EMBED_DIM)."""
     return [
-        FeatureSpec("user_id", Side.USER, Kind.CATEGORICAL),
-        FeatureSpec("segment", Side.USER, Kind.CATEGORICAL),
-        FeatureSpec("item_id", Side.ITEM, Kind.CATEGORICAL),
-        FeatureSpec("category", Side.ITEM, Kind.CATEGORICAL),
-        FeatureSpec("tags", Side.ITEM, Kind.MULTI_CATEGORICAL),
+        FeatureSpec("user_id", Side.USER, Kind.CATEGORICAL, embed_dim=embed_dim),
+        FeatureSpec("segment", Side.USER, Kind.CATEGORICAL, embed_dim=embed_dim),
+        FeatureSpec("item_id", Side.ITEM, Kind.CATEGORICAL, embed_dim=embed_dim),
+        FeatureSpec("category", Side.ITEM, Kind.CATEGORICAL, embed_dim=embed_dim),
+        FeatureSpec("tags", Side.ITEM, Kind.MULTI_CATEGORICAL, embed_dim=embed_dim),
         FeatureSpec("popularity", Side.ITEM, Kind.DENSE),
     ]
 
@@ -68,10 +69,13 @@ def load_synthetic(
     n_items: int = 300,
     events_per_user: int = 40,
     seed: int = 0,
+    embed_dim: int | None = None,
 ) -> PreparedData:
-    protocol = protocol or ProtocolConfig(seq_len=20, embed_dim=16)
+    """`embed_dim`: the schema's default dim of every id feature (None: DEFAULT_EMBED_DIM); a
+    model's `embed_dim` option overrides it."""
+    protocol = protocol or ProtocolConfig(seq_len=20)
     log, users, items = generate_log(n_users, n_items, events_per_user, seed=seed)
     return build_samples(
-        log, users, items, synthetic_features(), protocol, dataset="synthetic",
+        log, users, items, synthetic_features(embed_dim), protocol, dataset="synthetic",
         meta={"dataset_label": f"synthetic ({n_users} users, {n_items} items, seed {seed})"},
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -14,6 +15,12 @@ import numpy as np
 import torch
 
 from prerank.data.schema import Schema
+
+log = logging.getLogger(__name__)
+
+# Part of every cache key: bump it when what a cache holds changes, so old caches are rebuilt
+# rather than read. 2: dense features carry their scaler; embedding dims left the protocol.
+PREPARED_FORMAT = 2
 
 # Columns every sample table carries beside the schema's features.
 LABEL = "label"
@@ -86,7 +93,7 @@ class PreparedData:
 
 
 def cache_key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps((PREPARED_FORMAT, *parts), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def file_fingerprint(path: Path) -> dict:
@@ -143,7 +150,9 @@ def cached(cache_dir: Path | None, key: str, build) -> PreparedData:
         return build()
     directory = Path(cache_dir) / key
     if (directory / "meta.json").exists():
+        log.info("reusing cached preprocessing at %s", directory)
         return load_prepared(directory)
+    log.info("preprocessing (cached at %s)", directory)
     data = build()
     save_prepared(data, directory)
     return data

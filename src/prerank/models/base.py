@@ -24,6 +24,12 @@ lists, over all parameters at once):
     two_level + coarse_score       a model whose cheap first stage can prune the list before `score`
 
 Training code reads these and nothing else: it never names a model or probes its attributes.
+
+Embedding dims are model configuration: every model config takes `embed_dim` (added by
+`config_dataclass`), one int for every table or a mapping from table (vocabulary) name to int, as
+TorchRec's `EmbeddingBagConfig` sets one dim per table; unset, the data schema's dims stand.
+`create_model` builds the model on the schema with those dims (`model_schema`), which is the
+schema the model keeps, checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Annotated, Any, ClassVar, Iterator, Literal, Optional, Union
 
 import pydantic
 import torch
@@ -85,6 +91,9 @@ class PreRankModel(nn.Module):
 
     def __init__(self, schema: Schema, config: Any) -> None:
         super().__init__()
+        if model_schema(schema, config) != schema:
+            raise ValueError(f"{self.name}: the schema's embedding dims differ from the config's embed_dim; build the "
+                             "model with create_model (or on model_schema(schema, config))")
         self.schema = schema
         self.config = config
         self.phase = ALL_PARTS
@@ -206,9 +215,25 @@ def register(cls: type[PreRankModel]) -> type[PreRankModel]:
     return REGISTRY.add(cls)
 
 
+PositiveInt = Annotated[int, pydantic.Field(strict=True, gt=0)]
+# One dim for every table, or table (or feature) name -> dim; None keeps the schema's dims.
+EmbedDims = Optional[Union[PositiveInt, dict[str, PositiveInt]]]
+
+
 def config_dataclass(cls):
-    """Model configs are plain dataclasses, validated by pydantic: wrong types and unknown keys fail."""
+    """Model configs are plain dataclasses, validated by pydantic: wrong types and unknown keys fail.
+
+    Every model config gets the field `embed_dim: EmbedDims = None` (last), so that no model
+    file declares it and every model takes it."""
+    if not any("embed_dim" in getattr(base, "__dataclass_fields__", {}) for base in cls.__mro__):
+        cls.__annotations__ = {**cls.__dict__.get("__annotations__", {}), "embed_dim": EmbedDims}
+        cls.embed_dim = None
     return pydantic.dataclasses.dataclass(cls, config=pydantic.ConfigDict(extra="forbid"))
+
+
+def model_schema(schema: Schema, config: Any) -> Schema:
+    """The schema a model with `config` is built on: the data's, with the config's `embed_dim`."""
+    return schema.with_embed_dims(getattr(config, "embed_dim", None))
 
 
 def make_config(name: str, overrides: dict | None = None):
@@ -227,7 +252,13 @@ def get_model_class(name: str) -> type[PreRankModel]:
 
 
 def create_model(name: str, schema: Schema, overrides: dict | None = None) -> PreRankModel:
-    return get_model_class(name)(schema, make_config(name, overrides))
+    """Model `name` on the data `schema`, configured by `overrides` (its `embed_dim` sets the dims)."""
+    config = make_config(name, overrides)
+    try:
+        built_on = model_schema(schema, config)
+    except ValueError as err:
+        raise ValueError(f"bad config for model {name!r}: {err}") from None
+    return get_model_class(name)(built_on, config)
 
 
 def config_to_dict(config) -> dict:

@@ -30,7 +30,7 @@ Readings we chose where the paper is silent or our data differ (config options):
   group per (user field, item field) pair as the element-wise product of their embeddings;
   "none" drops them (the IntTower repository's COLD, and the paper's "no cross features" row).
 - Dense features are groups too: value x a learned vector of the embedding dim.
-- Embedding dim: the schema's (32 on our ML-1M pipeline), not the paper's 16.
+- Embedding dim: the option `embed_dim` (default the data's, 32 on our ML-1M pipeline); the paper's is `embed_dim=16`.
 - FCN activation ReLU with BatchNorm (`activation`, `batch_norm`); the paper names neither.
 - The FCN's 2-way softmax output is one logit (equivalent).
 - `linear_part`: the IntTower repository adds a logistic-regression term over all features.
@@ -173,9 +173,14 @@ class COLD(PreRankModel):
         kept = [g for g in available if g in chosen]
         crosses = [g.split(CROSS) for g in kept if CROSS in g]
         plain = [g for g in kept if CROSS not in g]
-        dim = next(f.embed_dim for f in schema.features if f.is_id)
         # The features a side embeds: its own groups and those its cross groups read.
         needed = set(plain) | {n for pair in crosses for n in pair}
+        # Groups are stacked into one [M, d] matrix for the SE block, so every table needs one dim.
+        dims = {schema[n].vocab: schema[n].embed_dim for n in sorted(needed) if schema[n].is_id}
+        if len(set(dims.values())) > 1:
+            raise ValueError(f"cold: its feature groups are stacked and need one embedding dim, got {dims}: give every "
+                             "table one dim in the option embed_dim")
+        dim = next(iter(dims.values())) if dims else next(f.embed_dim for f in schema.features if f.is_id)
         self.user_feature_names = [f.name for f in schema.user_features if f.name in needed]
         self.item_feature_names = [f.name for f in schema.item_features if f.name in needed]
         self.embeddings = EmbeddingBank(schema, init_std=c.embed_init_std, only=tuple(needed))

@@ -63,7 +63,9 @@ class DIN(PreRankModel):
             self.attention = TargetAttention(d, tuple(c.attention_hidden), softmax=c.attention_softmax)
         n_u, n_v = self.user_fields.num_fields, self.item_fields.num_fields
         if c.crosses and self.user_fields.embed_dim != self.item_fields.embed_dim:
-            raise ValueError("din: crosses need user and item fields of one embedding dim; set crosses=False")
+            raise ValueError(f"din: crosses need user and item fields of one embedding dim, got {self.user_fields.embed_dim} "
+                             f"and {self.item_fields.embed_dim}: give every table one dim in the option embed_dim, or set "
+                             "crosses=False")
         n_cross = (n_u * n_v + (n_v if self.sequence is not None else 0)) if c.crosses else 0
         in_dim = self.user_fields.flat_dim + self.item_fields.flat_dim + (2 * d if self.sequence is not None else 0) + n_cross
         self.mlp = nn.Sequential(MLP(in_dim, tuple(c.hidden), activation=c.activation, dropout=c.dropout), nn.Linear(c.hidden[-1], 1))

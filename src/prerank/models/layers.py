@@ -64,7 +64,9 @@ class FieldEncoder(nn.Module):
         self.dense_features = tuple(f for f in features if f.kind is Kind.DENSE)
         dims = {f.embed_dim for f in self.id_features}
         if len(dims) > 1:
-            raise ValueError(f"features of one side must share an embedding dim, got {sorted(dims)}")
+            by_table = {f.vocab: f.embed_dim for f in self.id_features}
+            raise ValueError(f"the tables {by_table} are stacked as the fields of one side and need one embedding dim: "
+                             "give them one dim in the model option embed_dim")
         self.embed_dim = dims.pop() if dims else 0
 
     @property

@@ -5,8 +5,9 @@
     GET  /healthz      liveness (the artifact is loaded)
 
 Bodies are pydantic models, so malformed JSON or wrong types are 422s with the framework's
-message; requests that parse but that the model cannot answer (an unknown feature, unknown
-candidates under `on_unknown="error"`, too many candidates) are 422s with the scorer's message.
+message; requests that parse but that the model cannot answer (an unknown feature, a dense value
+that is not a finite number, unknown candidates under `on_unknown="error"`, too many candidates)
+are 422s with the scorer's message.
 The scoring handler is `async` and scores on the event loop: a request is about a millisecond of
 CPU on one torch thread, and a thread-pool hop per request cost more CPU and widened the tail
 (measured with `prerank load-test`). Scale out with processes (`--workers`): they share the
@@ -21,14 +22,15 @@ import os
 from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from prerank import __version__
 from prerank.serve.artifact import verify_artifact
 from prerank.serve.scorer import RequestError, Scorer, UnknownItemsError
 
 RawId = Union[StrictInt, str]
-RawValue = Union[StrictInt, float, str, None]
+# StrictBool keeps true/false from becoming 1.0/0.0, so a boolean sent for a dense feature is refused.
+RawValue = Union[StrictInt, StrictBool, float, str, None]
 
 
 class PrerankRequest(BaseModel):
@@ -36,7 +38,8 @@ class PrerankRequest(BaseModel):
 
     user_features: dict[str, Union[RawValue, list[RawValue]]] = Field(
         default_factory=dict,
-        description="raw user and context features by schema name (see GET /v1/model); null or an unseen value is out-of-vocabulary",
+        description="raw user and context features by schema name (see GET /v1/model); null or an unseen value is "
+                    "out-of-vocabulary; dense features are raw numbers (the service applies the scaler), null if missing",
         examples=[{"user_id": 1, "gender": "F", "age": 1, "occupation": 10}],
     )
     behaviour: list[RawId] = Field(

@@ -2,7 +2,8 @@
 
     ARTIFACT/
       manifest.json        model name, version, item count, bytes per item, state layout, checksums
-      model.json           model name, config and schema (rebuilds the module through the registry)
+      model.json           model name, config and schema (rebuilds the module through the registry;
+                           the schema holds each dense feature's scaler, applied to raw request values)
       weights.pt           the state dict (loaded with weights_only=True)
       vocabs.json          raw values of every vocabulary (value at position p has index p + 2)
       items/ids.npy        the raw id of each catalogue row
@@ -100,7 +101,7 @@ def export_artifact(
     out = Path(out)
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-    if data.schema != model.schema:
+    if not model.schema.same_data(data.schema):
         raise ArtifactError("the model's schema differs from the data's: export with the data it was trained on")
     missing = [f.name for f in model.schema.item_features if f.name not in data.items.columns]
     if missing:
@@ -211,7 +212,11 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True, mm
     if verify:
         verify_artifact(path, manifest)
     spec = json.loads((path / "model.json").read_text())
-    model = create_model(spec["model"], Schema.from_dict(spec["schema"]), spec["model_config"])
+    try:
+        schema = Schema.from_dict(spec["schema"])
+    except ValueError as err:
+        raise ArtifactError(f"{path / 'model.json'}: {err}") from None
+    model = create_model(spec["model"], schema, spec["model_config"])
     model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
     model.eval().to(device)
     # Copy-on-write mapping: pages are read from the file on demand and never written back; the

@@ -57,7 +57,8 @@ class RequestSampler:
             elif f.is_bag:
                 user_features[f.name] = [self._value(f.vocab) for _ in range(int(self.rng.integers(1, f.max_len + 1)))]
             else:
-                user_features[f.name] = float(self.rng.random())
+                # A raw value inside the range the scaler was fitted on.
+                user_features[f.name] = f.scaler.lo + float(self.rng.random()) * (f.scaler.hi - f.scaler.lo)
         replace = n_candidates > len(self.item_ids)
         candidates = self.rng.choice(self.item_ids, size=n_candidates, replace=replace).tolist()
         return {"user_features": user_features, "behaviour": behaviour, "candidates": candidates, "k": k}

@@ -8,14 +8,15 @@ Raw values become indices with the artifact's vocabularies exactly as the data p
 them for training: an unknown or missing (null) categorical value is the out-of-vocabulary index
 (the pipeline maps values unseen in train, and missing values, to OOV); bags keep their first
 `max_len` values, right-padded; the behaviour sequence is oldest first, keeps its last `max_len`
-items and is left-padded. Dense features are taken as the model's input scale (the pipeline
-min-max scales them; the artifact does not re-derive that scaling), null is 0.
+items and is left-padded. Dense features arrive raw (a price, not a scaled price) and go through
+the scaler stored with the feature in the schema, the one the pipeline applied: null is a missing
+value (the scaler's `missing`); NaN, infinities, strings and booleans are rejected.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,6 +118,17 @@ class Scorer:
         found = self.vocab_index[feature.vocab].get(value)
         return OOV_INDEX if found is None else found
 
+    @staticmethod
+    def _dense(feature: Feature, value) -> float:
+        """A raw dense value as a float; null is missing (NaN, which the scaler maps to its `missing`)."""
+        if value is None:
+            return float("nan")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise RequestError(f"dense user feature {feature.name!r} takes a number (or null), got {value!r}")
+        if not np.isfinite(value):
+            raise RequestError(f"dense user feature {feature.name!r} is not finite: {value!r} (send null for a missing value)")
+        return float(value)
+
     def _bag(self, feature: Feature, values, keep_last: bool) -> np.ndarray:
         if values is None:
             values = []
@@ -165,12 +177,7 @@ class Scorer:
             elif f.kind is Kind.MULTI_CATEGORICAL:
                 array = self._bag(f, value, keep_last=False)[None, :]
             else:
-                try:
-                    array = np.array([0.0 if value is None else float(value)], dtype=np.float32)
-                except (TypeError, ValueError):
-                    raise RequestError(f"dense user feature {f.name!r} takes a number, got {value!r}") from None
-                if not np.isfinite(array).all():
-                    raise RequestError(f"dense user feature {f.name!r} is not finite: {value!r}")
+                array = f.scaler.apply([self._dense(f, value)])
             inputs[f.name] = torch.from_numpy(array).to(self.device)
         return inputs
 
@@ -256,7 +263,8 @@ class Scorer:
             "checksum": m["checksum"],
             "device": str(self.device),
             "user_features": [
-                {"name": f.name, "kind": f.kind.value, "side": f.side.value, **({"max_len": f.max_len} if f.is_bag else {})}
+                {"name": f.name, "kind": f.kind.value, "side": f.side.value, **({"max_len": f.max_len} if f.is_bag else {}),
+                 **({"scaler": asdict(f.scaler)} if f.scaler is not None else {})}
                 for f in self.user_features
             ],
             "behaviour_feature": self.sequence.name if self.sequence is not None else None,
