@@ -33,17 +33,19 @@ This file is the whole plugin: the package's pyproject.toml declares it under th
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveFloat, PositiveInt
+from pydantic import PositiveFloat
 from torch import Tensor, nn
 
 from prerank.data.schema import PAD_INDEX, Feature, Schema
-from prerank.models.base import PreRankModel, State, config_dataclass
+from prerank.models.base import EmbedDims, PreRankModel, State, config_dataclass
 from prerank.models.layers import masked_mean
 
 
 @config_dataclass
 class FactorizationMachineConfig:
-    embed_dim: PositiveInt = 16  # D: one size for every field, as the FM's inner product needs
+    # D for every table (the FM's inner products need one size); every model config takes
+    # `embed_dim`, and this one sets its own default instead of the data schema's dims.
+    embed_dim: EmbedDims = 16
     init_std: PositiveFloat = 0.01
     same_side_pairs: bool = True
 
@@ -56,7 +58,10 @@ class FactorizationMachine(PreRankModel):
 
     def __init__(self, schema: Schema, config: FactorizationMachineConfig) -> None:
         super().__init__(schema, config)
-        dim = config.embed_dim
+        dims = {f.embed_dim for f in schema.features if f.is_id}
+        if len(dims) > 1:
+            raise ValueError(f"example_fm needs one embedding dim for every table, got {sorted(dims)}; set embed_dim=<int>")
+        dim = dims.pop() if dims else 16  # no id feature: D only sizes the dense features' vectors
         self.vectors = nn.ModuleDict()  # vocabulary -> [V, D]
         self.weights = nn.ModuleDict()  # vocabulary -> [V, 1]
         self.dense_vectors = nn.ParameterDict()  # dense feature -> [D]

@@ -224,8 +224,10 @@ def config_dataclass(cls):
     """Model configs are plain dataclasses, validated by pydantic: wrong types and unknown keys fail.
 
     Every model config gets the field `embed_dim: EmbedDims = None` (last), so that no model
-    file declares it and every model takes it."""
-    if not any("embed_dim" in getattr(base, "__dataclass_fields__", {}) for base in cls.__mro__):
+    file needs to declare it and every model takes it; a config that declares it (a default of its
+    own) keeps its declaration."""
+    declared = "embed_dim" in cls.__dict__.get("__annotations__", {})
+    if not declared and not any("embed_dim" in getattr(base, "__dataclass_fields__", {}) for base in cls.__mro__):
         cls.__annotations__ = {**cls.__dict__.get("__annotations__", {}), "embed_dim": EmbedDims}
         cls.embed_dim = None
     return pydantic.dataclasses.dataclass(cls, config=pydantic.ConfigDict(extra="forbid"))
