@@ -16,10 +16,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import pydantic
 import torch
 from torch import Tensor, nn
 
+from prerank.config import ConfigError, config_dataclass  # noqa: F401  (models import it from here)
 from prerank.data.schema import Schema
 
 State = dict[str, Tensor]
@@ -116,18 +116,12 @@ def register(cls: type[PreRankModel]) -> type[PreRankModel]:
     return cls
 
 
-def config_dataclass(cls):
-    """Model configs are plain dataclasses, validated by pydantic: wrong types and unknown keys fail."""
-    return pydantic.dataclasses.dataclass(cls, config=pydantic.ConfigDict(extra="forbid"))
-
-
 def make_config(name: str, overrides: dict | None = None):
     cls = get_model_class(name)
     try:
         return cls.Config(**(overrides or {}))
-    except pydantic.ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"bad config for model {name!r}: {problems}") from None
+    except ConfigError as err:
+        raise ConfigError(f"config for model {name!r}", err.problems) from None
 
 
 def get_model_class(name: str) -> type[PreRankModel]:
