@@ -29,7 +29,7 @@ def test_errors_are_messages_not_tracebacks(tmp_path):
     result = runner.invoke(app, ["train", "--dataset", "ml-1m", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "no ratings.dat" in result.output
     result = runner.invoke(app, ["train", "--dataset", "synthetic", "--protocol", "random", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "unknown protocol 'random'" in result.output
+    assert result.exit_code == 2 and "name: Input should be 'temporal'" in result.output and "'random'" in result.output
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "missing.pt")])
     assert result.exit_code == 2 and "checkpoint not found" in result.output
 

@@ -1,6 +1,9 @@
+import math
+
+import pytest
 import torch
 
-from prerank.models.layers import MLP, TargetAttention, masked_mean
+from prerank.models.layers import MLP, LearnableTemperature, TargetAttention, masked_mean
 
 
 def test_masked_mean_ignores_padding_and_empty_rows():
@@ -47,3 +50,19 @@ def test_target_attention_many_queries_equals_expanded_forward():
             k = queries.shape[-2]
             expected = attention(queries.expand(3, k, 4), keys.unsqueeze(1).expand(3, k, 6, 4), mask.unsqueeze(1).expand(3, k, 6))
             torch.testing.assert_close(attention.many_queries(queries, keys, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_learnable_temperature_is_the_old_clamped_formula():
+    # The five models' former inline scale: exp(min(-log tau, log 100)).
+    for tau in (1.0, 0.05, 0.01, 0.001):
+        scale = LearnableTemperature(tau)()
+        assert scale.shape == ()
+        assert scale.item() == torch.tensor(-math.log(tau)).clamp(max=math.log(100.0)).exp().item()
+    assert LearnableTemperature(0.001)().item() == pytest.approx(100.0)  # capped at tau = 0.01
+    learned = LearnableTemperature(0.05)
+    learned().backward()
+    assert learned.log_inv_temperature.grad.item() == pytest.approx(20.0)  # d exp(x) / dx at x = log 20
+    fixed = LearnableTemperature(1.0, learnable=False)
+    assert not fixed.log_inv_temperature.requires_grad and list(fixed.state_dict()) == ["log_inv_temperature"]
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        LearnableTemperature(0.0)

@@ -70,5 +70,5 @@ def test_hybrid_loss_rejects_mismatched_shapes_and_bad_config():
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="share one"):
         hybrid_loss(x, torch.zeros(2, 4, dtype=torch.long), x, x, x.bool(), HybridLossConfig())
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match="fine_weight"):
         HybridLossConfig(fine_weight=-1.0)

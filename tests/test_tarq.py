@@ -186,7 +186,7 @@ def test_composed_teacher_is_the_served_composition_with_exact_attention(small_d
         h_ta, logit = model.teacher(batch)
         user = model.encode_user(model.user_inputs(batch))
         items = model.encode_item_lists(model.item_inputs(batch))
-        by_hand = (user["vector"][:, None] * items["vector"]).sum(-1) * model.log_inv_temperature.exp() \
+        by_hand = (user["vector"][:, None] * items["vector"]).sum(-1) * model.similarity_scale.log_inv_temperature.exp() \
             + (h_ta * items["head_key"]).sum(-1) + model.bias
         vectors = model.item_encoder(model.towers.item_fields(model.item_inputs(batch)).flat())
         behaviours, mask = model._behaviours(model.user_inputs(batch))

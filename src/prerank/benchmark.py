@@ -20,10 +20,15 @@ import multiprocessing
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
+
+from prerank.config import NonEmptyStr, PositiveInt, config_dataclass
+from prerank.data.pipeline import ProtocolName
 
 # name -> (registered model, config overrides, behaviour-sequence length or None for the default)
 VARIANTS: dict[str, tuple[str, dict, int | None]] = {
@@ -69,23 +74,23 @@ def resolve_variant(variant: str) -> tuple[str, dict, int | None]:
     return VARIANTS.get(variant, (variant, {}, None))
 
 
-@dataclass
+@config_dataclass
 class BenchmarkConfig:
-    dataset: str = "ml-1m"
+    dataset: NonEmptyStr = "ml-1m"
     data_dir: str | None = None
     ratings_file: str | None = None
-    protocol: str = "temporal"
-    models: tuple[str, ...] = ("all",)
-    seeds: int = 3
-    epochs: int = 10
-    patience: int = 2
-    batch_size: int = 2048
-    threads: int | None = None
-    candidates: int = 1000
-    latency_repeats: int = 200
+    protocol: ProtocolName = "temporal"
+    models: Annotated[tuple[NonEmptyStr, ...], Field(min_length=1)] = ("all",)
+    seeds: PositiveInt = 3
+    epochs: PositiveInt = 10
+    patience: PositiveInt = 2
+    batch_size: PositiveInt = 2048
+    threads: PositiveInt | None = None
+    candidates: PositiveInt = 1000
+    latency_repeats: PositiveInt = 200
     cache_dir: str | None = None
     cascade: str | None = None  # a `prerank cascade build` file of the same data: adds Recall/NDCG@K on its test lists
-    extra_overrides: dict = field(default_factory=dict)
+    extra_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # model name -> its config overrides
 
 
 def all_models() -> list[str]:

@@ -38,13 +38,15 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from prerank.atomic import atomic_path
+from prerank.config import NonNegativeInt, PositiveInt, Seed, config_dataclass
 from prerank.data.schema import FIRST_KNOWN_INDEX, PAD_INDEX
 from prerank.data.table import GRADE, ITEM_ROW, LABEL, TIMESTAMP, DataError, PreparedData, SampleTable
 from prerank.models.base import PreRankModel
@@ -57,32 +59,27 @@ STAGES = {"random": RANDOM, "retrieved": RETRIEVED, "preranked": PRERANKED, "exp
 FORMAT_VERSION = 1
 
 
-@dataclass
+@config_dataclass
 class CascadeConfig:
     retriever: Literal["itemcf", "model"] = "itemcf"  # "model": a trained decoupled model (two-tower)
-    retrieval_size: int = 500  # N0
-    random_items: int = 50
-    prerank_size: int = 100  # N1: teacher top-N1 of the retrieved items pass pre-ranking
-    exposure_size: int = 10  # N2: teacher top-N2 of those are exposed (plus the real interactions)
-    window: int = 20  # events per request
-    train_requests_per_user: int = 2
-    eval_requests_per_user: int = 1
+    retrieval_size: PositiveInt = 500  # N0
+    random_items: NonNegativeInt = 50
+    prerank_size: PositiveInt = 100  # N1: teacher top-N1 of the retrieved items pass pre-ranking
+    exposure_size: PositiveInt = 10  # N2: teacher top-N2 of those are exposed (plus the real interactions)
+    window: PositiveInt = 20  # events per request
+    train_requests_per_user: PositiveInt = 2
+    eval_requests_per_user: PositiveInt = 1
     # relevance of an interacted item by grade 1..5 (ML-1M stars), and of an exposed, unrated one
-    relevance_by_grade: tuple[int, ...] = (2, 2, 2, 3, 4)
-    exposed_relevance: int = 1
-    max_users: int | None = None  # a seeded sample of users (None: all), for quick builds
-    seed: int = 2022
-    requests_per_scoring_batch: int = 8
+    relevance_by_grade: Annotated[tuple[NonNegativeInt, ...], Field(min_length=1)] = (2, 2, 2, 3, 4)
+    exposed_relevance: NonNegativeInt = 1
+    max_users: PositiveInt | None = None  # a seeded sample of users (None: all), for quick builds
+    seed: Seed = 2022
+    requests_per_scoring_batch: PositiveInt = 8
 
     def __post_init__(self) -> None:
-        if not (0 < self.exposure_size <= self.prerank_size <= self.retrieval_size):
-            raise ValueError("cascade sizes must satisfy 0 < exposure_size <= prerank_size <= retrieval_size, got "
+        if not (self.exposure_size <= self.prerank_size <= self.retrieval_size):
+            raise ValueError("cascade sizes must satisfy exposure_size <= prerank_size <= retrieval_size, got "
                              f"{self.exposure_size}, {self.prerank_size}, {self.retrieval_size}")
-        if self.random_items < 0 or self.window < 1 or self.train_requests_per_user < 1 or self.eval_requests_per_user < 1:
-            raise ValueError("random_items must be >= 0; window and requests per user >= 1")
-        if self.retriever not in ("itemcf", "model"):
-            raise ValueError(f"unknown retriever {self.retriever!r}; choose itemcf or model")
-        self.relevance_by_grade = tuple(self.relevance_by_grade)
 
 
 @dataclass

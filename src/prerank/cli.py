@@ -234,15 +234,14 @@ def benchmark(
 
     if quick:
         dataset, epochs, seeds = "synthetic", min(epochs, 2), 1 if seeds == 3 else seeds
-    config = BenchmarkConfig(
-        dataset=dataset, data_dir=str(data_dir) if data_dir else None, ratings_file=ratings_file, protocol=protocol,
-        models=tuple(m.strip() for m in models.split(",") if m.strip()), seeds=seeds, epochs=epochs, patience=patience,
-        batch_size=batch_size if not quick else 256, threads=threads, candidates=candidates,
-        latency_repeats=30 if quick else 200, cache_dir=str(cache_dir or default_cache_dir()),
-        cascade=str(cascade) if cascade else None,
-    )
     try:
-        ProtocolConfig(name=protocol)
+        config = BenchmarkConfig(
+            dataset=dataset, data_dir=str(data_dir) if data_dir else None, ratings_file=ratings_file, protocol=protocol,
+            models=tuple(m.strip() for m in models.split(",") if m.strip()), seeds=seeds, epochs=epochs, patience=patience,
+            batch_size=batch_size if not quick else 256, threads=threads, candidates=candidates,
+            latency_repeats=30 if quick else 200, cache_dir=str(cache_dir or default_cache_dir()),
+            cascade=str(cascade) if cascade else None,
+        )
         run_benchmark(config, out, progress=progress)
     except (DataError, ValueError, FileNotFoundError) as err:
         _fail(str(err))

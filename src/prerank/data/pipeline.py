@@ -37,15 +37,17 @@ spec's own dim or `DEFAULT_EMBED_DIM`, and a model's `embed_dim` option replaces
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 
+from prerank.config import Fraction, NonNegativeInt, PositiveInt, Seed, config_dataclass
 from prerank.data.schema import FIRST_KNOWN_INDEX, OOV_INDEX, PAD_INDEX, DenseScaler, Feature, Kind, Schema, Side
 from prerank.data.table import GRADE, ITEM_ROW, LABEL, TIMESTAMP, PreparedData, SampleTable
 
-PROTOCOLS = ("temporal", "inttower", "leave_last_out")
+ProtocolName = Literal["temporal", "inttower", "leave_last_out"]
+PROTOCOLS = get_args(ProtocolName)
 LEAKAGE_NOTE = (
     "protocol 'inttower' reproduces the IntTower official preprocessing, whose mean-rating features "
     "are computed from the labels of the split they are used in: it leaks labels and exists only for "
@@ -76,26 +78,20 @@ class FeatureSpec:
         return self.column or self.name
 
 
-@dataclass(frozen=True)
+@config_dataclass(frozen=True)
 class ProtocolConfig:
-    name: Literal["temporal", "inttower", "leave_last_out"] = "temporal"
-    valid_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seq_len: int = 50  # 0: no behaviour-sequence feature
-    seed: int = 2022  # the inttower protocol's random split and the negative draw
+    name: ProtocolName = "temporal"
+    valid_fraction: Fraction = 0.1
+    test_fraction: Fraction = 0.1
+    seq_len: NonNegativeInt = 50  # 0: no behaviour-sequence feature
+    seed: Seed = 2022  # the inttower protocol's random split and the negative draw
     # Sampled negatives per positive (implicit feedback). None: the dataset's default (0 for
     # explicit logs); the draw is seeded by `seed`.
-    negatives: int | None = None
+    negatives: NonNegativeInt | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {self.name!r}; choose one of {PROTOCOLS}")
-        if not (0 < self.valid_fraction < 1 and 0 < self.test_fraction < 1):
-            raise ValueError("valid_fraction and test_fraction must lie in (0, 1)")
-        if self.seq_len < 0:
-            raise ValueError("seq_len must be >= 0")
-        if self.negatives is not None and self.negatives < 0:
-            raise ValueError("negatives must be >= 0")
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise ValueError(f"valid_fraction + test_fraction must be < 1, got {self.valid_fraction} + {self.test_fraction}")
 
     @classmethod
     def from_recorded(cls, recorded: dict) -> ProtocolConfig:

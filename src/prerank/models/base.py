@@ -37,12 +37,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Iterator, Literal, Optional, Union
+from typing import Any, ClassVar, Iterator, Literal, Optional, Union
 
-import pydantic
 import torch
 from torch import Tensor, nn
 
+from prerank.config import ConfigError, PositiveInt  # noqa: F401  (models import ConfigError from here)
+from prerank.config import config_dataclass as validated_config
 from prerank.data.schema import Schema
 from prerank.models.registry import ModelRegistry
 
@@ -215,13 +216,13 @@ def register(cls: type[PreRankModel]) -> type[PreRankModel]:
     return REGISTRY.add(cls)
 
 
-PositiveInt = Annotated[int, pydantic.Field(strict=True, gt=0)]
 # One dim for every table, or table (or feature) name -> dim; None keeps the schema's dims.
 EmbedDims = Optional[Union[PositiveInt, dict[str, PositiveInt]]]
 
 
 def config_dataclass(cls):
-    """Model configs are plain dataclasses, validated by pydantic: wrong types and unknown keys fail.
+    """Model configs: `prerank.config.config_dataclass` (wrong types, out-of-range values and unknown
+    keys fail, naming the field).
 
     Every model config gets the field `embed_dim: EmbedDims = None` (last), so that no model
     file needs to declare it and every model takes it; a config that declares it (a default of its
@@ -230,7 +231,7 @@ def config_dataclass(cls):
     if not declared and not any("embed_dim" in getattr(base, "__dataclass_fields__", {}) for base in cls.__mro__):
         cls.__annotations__ = {**cls.__dict__.get("__annotations__", {}), "embed_dim": EmbedDims}
         cls.embed_dim = None
-    return pydantic.dataclasses.dataclass(cls, config=pydantic.ConfigDict(extra="forbid"))
+    return validated_config(cls)
 
 
 def model_schema(schema: Schema, config: Any) -> Schema:
@@ -242,9 +243,8 @@ def make_config(name: str, overrides: dict | None = None):
     cls = get_model_class(name)
     try:
         return cls.Config(**(overrides or {}))
-    except pydantic.ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"bad config for model {name!r}: {problems}") from None
+    except ConfigError as err:
+        raise ConfigError(f"config for model {name!r}", err.problems) from None
 
 
 def get_model_class(name: str) -> type[PreRankModel]:

@@ -38,31 +38,30 @@ Readings we chose where the paper is silent or our data differ (config options):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
+from prerank.config import LayerSizes, NonEmptyStr
 from prerank.data.schema import PAD_INDEX, Kind, Schema
 from prerank.models.base import PreRankModel, State, config_dataclass, register
-from prerank.models.layers import MLP, EmbeddingBank, masked_mean
+from prerank.models.layers import MLP, EmbeddingBank, TowerConfig, masked_mean
 
 CROSS = "*"  # a cross group's name: "<user feature>*<item feature>"
 
 
 @config_dataclass
-class COLDConfig:
-    hidden: tuple[int, ...] = (1024, 512, 256, 128, 64)
-    activation: str = "relu"
-    batch_norm: bool = True
-    dropout: float = 0.0
+class COLDConfig(TowerConfig):
+    hidden: LayerSizes = (1024, 512, 256, 128, 64)  # () leaves one linear layer over the groups
     se: Literal["concat", "squeeze", "senet"] = "concat"
     cross: Literal["product", "none"] = "product"
-    groups: tuple[str, ...] | None = None  # the feature groups kept (None: all); see `feature_groups`
+    # The feature groups kept (None: all); see `feature_groups`.
+    groups: Annotated[tuple[NonEmptyStr, ...], Field(min_length=1)] | None = None
     linear_log: bool = False
     linear_part: bool = False
-    embed_init_std: float = 0.01
 
 
 def feature_groups(schema: Schema, cross: str = "product") -> list[str]:
@@ -167,8 +166,6 @@ class COLD(PreRankModel):
             unknown = [g for g in c.groups if g not in available]
             if unknown:
                 raise ValueError(f"cold: unknown feature groups {unknown}; available: {available}")
-            if not c.groups:
-                raise ValueError("cold: groups must keep at least one feature group")
             chosen = set(c.groups)
         kept = [g for g in available if g in chosen]
         crosses = [g.split(CROSS) for g in kept if CROSS in g]

@@ -47,34 +47,31 @@ losses): the item-state table holds p_v alone.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prerank.config import NonEmptyStr, NonNegativeFloat, PositiveFloat
 from prerank.data.schema import PAD_INDEX, Kind, Schema, Side
 from prerank.models.base import PreRankModel, State, config_dataclass, register
-from prerank.models.layers import MLP, EmbeddingBank, FieldEncoder
+from prerank.models.layers import MLP, EmbeddingBank, FieldEncoder, LearnableTemperature, TowerConfig, TowerLayers
 
 
 @config_dataclass
-class DATConfig:
-    hidden: tuple[int, ...] = (256, 128, 32)
-    activation: str = "relu"
+class DATConfig(TowerConfig):
+    hidden: TowerLayers = (256, 128, 32)
     batch_norm: bool = False
-    dropout: float = 0.0
     last_relu: bool = True
-    temperature: float = 0.05
+    temperature: PositiveFloat = 0.05
     learn_temperature: bool = True
     output_bias: bool = True
-    mimic_user_weight: float = 0.5  # lambda1
-    mimic_item_weight: float = 0.5  # lambda2
-    category_weight: float = 1.0  # lambda3; 0 switches the Category Alignment Loss off
-    category_feature: str = "auto"
+    mimic_user_weight: NonNegativeFloat = 0.5  # lambda1
+    mimic_item_weight: NonNegativeFloat = 0.5  # lambda2
+    category_weight: NonNegativeFloat = 1.0  # lambda3; 0 switches the Category Alignment Loss off
+    category_feature: NonEmptyStr = "auto"
     multi_category: Literal["first", "each"] = "first"
-    embed_init_std: float = 0.01
 
 
 @register
@@ -85,8 +82,6 @@ class DAT(PreRankModel):
     def __init__(self, schema: Schema, config: DATConfig) -> None:
         super().__init__(schema, config)
         c = config
-        if not c.hidden:
-            raise ValueError("dat: hidden must name at least one layer")
         dim = c.hidden[-1]
         self.embeddings = EmbeddingBank(schema, init_std=c.embed_init_std)
         self.user_fields = FieldEncoder(self.embeddings, schema.user_features)
@@ -98,7 +93,7 @@ class DAT(PreRankModel):
         mlp = dict(activation=c.activation, batch_norm=c.batch_norm, dropout=c.dropout, output_activation=c.last_relu)
         self.user_tower = MLP(self.user_fields.flat_dim + dim, tuple(c.hidden), **mlp)
         self.item_tower = MLP(self.item_fields.flat_dim + dim, tuple(c.hidden), **mlp)
-        self.log_inv_temperature = nn.Parameter(torch.tensor(-math.log(c.temperature)), requires_grad=c.learn_temperature)
+        self.similarity_scale = LearnableTemperature(c.temperature, learnable=c.learn_temperature)
         self.bias = nn.Parameter(torch.zeros(())) if c.output_bias else None
         self.category_feature = self._category_feature(schema, c) if c.category_weight > 0 else None
 
@@ -129,8 +124,7 @@ class DAT(PreRankModel):
         return self._encode(self.user_fields, self.user_augment, self.user_tower, user, self.schema.user_id)
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
-        scale = self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
-        logits = torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"]) * scale
+        logits = torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"]) * self.similarity_scale()
         return logits + self.bias if self.bias is not None else logits
 
     def auxiliary_losses(self, batch, user_state, item_state, logits) -> dict[str, Tensor]:

@@ -25,20 +25,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from prerank.config import DropoutRate, LayerSizes, PositiveFloat
 from prerank.data.schema import PAD_INDEX, Kind, Schema
 from prerank.models.base import PreRankModel, State, config_dataclass, register
-from prerank.models.layers import MLP, EmbeddingBank, FieldEncoder, TargetAttention
+from prerank.models.layers import MLP, Activation, EmbeddingBank, FieldEncoder, TargetAttention, TowerLayers
 
 
 @config_dataclass
 class DINConfig:
-    hidden: tuple[int, ...] = (200, 80)
-    activation: str = "prelu"
-    dropout: float = 0.0
-    attention_hidden: tuple[int, ...] = (80, 40)
+    hidden: TowerLayers = (200, 80)
+    activation: Activation = "prelu"
+    dropout: DropoutRate = 0.0
+    attention_hidden: LayerSizes = (80, 40)
     attention_softmax: bool = False
     crosses: bool = True
-    embed_init_std: float = 0.01
+    embed_init_std: PositiveFloat = 0.01
 
 
 @register

@@ -94,10 +94,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prerank.config import LayerSizes, NonEmptyStr, NonNegativeInt, PositiveFloat, PositiveInt
 from prerank.data.schema import PAD_INDEX, Schema
 from prerank.models.base import PreRankModel, State, config_dataclass, register
-from prerank.models.layers import ACTIVATIONS, MLP, TargetAttention
-from prerank.models.two_tower import TowerPair
+from prerank.models.layers import ACTIVATIONS, MLP, Activation, LearnableTemperature, TargetAttention, TowerConfig, TowerPair
 
 # Query × behaviour pairs per chunk when the user stage runs all N hard queries outside training:
 # keeps the [rows, N, L, h] attention activations in cache (chunking is exact in eval mode).
@@ -105,54 +105,37 @@ EVAL_PAIRS_PER_CHUNK = 1 << 14
 
 
 @config_dataclass
-class FITConfig:
-    # Towers: as Two-Tower (IntTower repository's baseline).
-    hidden: tuple[int, ...] = (300, 300, 128)
-    activation: str = "relu"
-    batch_norm: bool = True
-    dropout: float = 0.0
-    embed_init_std: float = 0.01
+class FITConfig(TowerConfig):
+    # Towers: `TowerConfig`'s defaults, as Two-Tower (IntTower repository's baseline).
     # Meta Query Module.
     use_mqm: bool = True
-    num_meta: int = 16
-    selection_features: tuple[str, ...] = ()  # () = every id-valued item feature
+    num_meta: PositiveInt = 16
+    selection_features: tuple[NonEmptyStr, ...] = ()  # () = every id-valued item feature
     meta_init: Literal["kaiming_uniform", "normal"] = "kaiming_uniform"
-    tau_start: float = 1.0
-    tau_end: float = 1e-3
-    anneal_steps: int = 300  # ~2.5 epochs of ML-1M (users 1–2999) at batch 2048
+    tau_start: PositiveFloat = 1.0
+    tau_end: PositiveFloat = 1e-3
+    anneal_steps: NonNegativeInt = 300  # ~2.5 epochs of ML-1M (users 1–2999) at batch 2048
     tau_schedule: Literal["linear", "exponential"] = "exponential"
     soft_selection: Literal["query", "output"] = "query"
-    attention_hidden: tuple[int, ...] = (16,)
-    attention_activation: str = "prelu"
+    attention_hidden: LayerSizes = (16,)
+    attention_activation: Activation = "prelu"
     attention_softmax: bool = False
     concat_query: bool = True
     # Scorer.
     scorer: Literal["lss", "dot", "summax", "fc"] = "lss"
-    user_heads: int = 4
-    item_heads: int = 4
-    head_dim: int = 32
-    row_units: int = 8
-    col_units: int = 8
-    lss_activation: str = "relu"
-    fc_hidden: tuple[int, ...] = (64,)
+    user_heads: PositiveInt = 4
+    item_heads: PositiveInt = 4
+    head_dim: PositiveInt = 32
+    row_units: PositiveInt = 8
+    col_units: PositiveInt = 8
+    lss_activation: Activation = "relu"
+    fc_hidden: LayerSizes = (64,)
     normalize_heads: bool = False  # lss / fc only; dot and summax always normalise
-    temperature: float = 0.05  # initial 1/scale of normalised similarities (learnable)
+    temperature: PositiveFloat = 0.05  # initial 1/scale of normalised similarities (learnable)
 
     def __post_init__(self) -> None:
-        if self.num_meta < 1:
-            raise ValueError(f"num_meta must be >= 1, got {self.num_meta}")
-        if not (0 < self.tau_end <= self.tau_start):
-            raise ValueError(f"need 0 < tau_end <= tau_start, got tau_start={self.tau_start}, tau_end={self.tau_end}")
-        if self.anneal_steps < 0:
-            raise ValueError(f"anneal_steps must be >= 0, got {self.anneal_steps}")
-        for name in ("user_heads", "item_heads", "head_dim", "row_units", "col_units"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("activation", "attention_activation", "lss_activation"):
-            if getattr(self, name) not in ACTIVATIONS:
-                raise ValueError(f"{name}: unknown activation {getattr(self, name)!r}; choose from {sorted(ACTIVATIONS)}")
-        if not self.hidden:
-            raise ValueError("hidden must name at least one tower layer")
+        if self.tau_end > self.tau_start:
+            raise ValueError(f"need tau_end <= tau_start, got tau_start={self.tau_start}, tau_end={self.tau_end}")
 
 
 def query_group(meta: Tensor) -> Tensor:
@@ -190,8 +173,7 @@ class FIT(PreRankModel):
                              "(build the data with seq_len > 0), or set use_mqm=False")
         behaviour_dim = self.sequence.embed_dim if (c.use_mqm and self.sequence is not None) else 0
         query_in_tower = behaviour_dim if c.concat_query else 0
-        self.towers = TowerPair(schema, c.hidden, c.activation, c.batch_norm, c.dropout, c.embed_init_std,
-                                user_extra_dim=behaviour_dim + query_in_tower)
+        self.towers = TowerPair(schema, c, user_extra_dim=behaviour_dim + query_in_tower)
         tower_dim = self.towers.user_tower.out_dim
 
         if c.use_mqm:
@@ -216,7 +198,7 @@ class FIT(PreRankModel):
             self.item_projection = nn.Linear(tower_dim, c.item_heads * c.head_dim)
         self.normalized = c.scorer in ("dot", "summax") or c.normalize_heads
         if self.normalized:
-            self.log_inv_temperature = nn.Parameter(torch.tensor(-math.log(c.temperature)))
+            self.similarity_scale = LearnableTemperature(c.temperature)
         if c.scorer in ("dot", "summax"):
             self.bias = nn.Parameter(torch.zeros(()))
         elif c.scorer == "lss":
@@ -319,7 +301,7 @@ class FIT(PreRankModel):
                                                           weights @ self.query_group())
         similarity = torch.einsum("bnhp,bngp->bnhg", user_heads, item_heads)  # [B, N, H_u, H_v]
         if self.normalized:
-            similarity = similarity * self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
+            similarity = similarity * self.similarity_scale()
         if self.config.scorer == "dot":
             return similarity[..., 0, 0] + self.bias
         if self.config.scorer == "summax":

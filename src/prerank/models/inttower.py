@@ -64,28 +64,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prerank.config import DropoutRate, NonNegativeFloat, PositiveFloat, PositiveInt
 from prerank.data.schema import Schema
 from prerank.models.base import PreRankModel, State, config_dataclass, register
-from prerank.models.layers import MLP, EmbeddingBank, FieldEncoder, Fields
+from prerank.models.layers import MLP, EmbeddingBank, FieldEncoder, Fields, TowerConfig
 
 
 @config_dataclass
-class IntTowerConfig:
-    hidden: tuple[int, ...] = (300, 300, 128)
-    activation: str = "relu"
-    batch_norm: bool = True
-    dropout: float = 0.1
+class IntTowerConfig(TowerConfig):
+    dropout: DropoutRate = 0.1
     light_se: Literal["both", "user", "none"] = "both"
     light_se_bias: bool = True
     fe_block: Literal["output", "input"] = "output"
-    heads: int = 4
-    head_dim: int = 64
+    heads: PositiveInt = 4
+    head_dim: PositiveInt = 64
     multi_layer: bool = True
     output_bias: bool = False
-    cir_weight: float = 0.0
-    cir_temperature: float = 0.07
-    embed_init_std: float = 0.01
-    init_std: float | None = None  # None: PyTorch's default init of the linear layers
+    cir_weight: NonNegativeFloat = 0.0
+    cir_temperature: PositiveFloat = 0.07
+    init_std: PositiveFloat | None = None  # None: PyTorch's default init of the linear layers
 
 
 class LightSE(nn.Module):
@@ -142,10 +139,6 @@ class IntTower(PreRankModel):
     def __init__(self, schema: Schema, config: IntTowerConfig) -> None:
         super().__init__(schema, config)
         c = config
-        if not c.hidden:
-            raise ValueError("inttower: hidden must name at least one layer")
-        if c.heads < 1 or c.head_dim < 1:
-            raise ValueError("inttower: heads and head_dim must be >= 1")
         hidden = tuple(c.hidden)
         # Which entries of the user tower's [x, h^1, ..., h^L] the user heads read.
         sources = list(range(1, len(hidden) + 1)) if c.fe_block == "output" else list(range(len(hidden)))

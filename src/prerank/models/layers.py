@@ -1,12 +1,17 @@
-"""Small layers every model shares: embeddings by schema, pooling, MLPs."""
+"""Small layers every model shares: embeddings by schema, pooling, MLPs, the tower pair and its
+config fields, the learnable temperature."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
+from prerank.config import DropoutRate, LayerSizes, PositiveFloat, config_dataclass
 from prerank.data.schema import PAD_INDEX, Feature, Kind, Schema
 
 
@@ -95,6 +100,8 @@ class FieldEncoder(nn.Module):
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "prelu": nn.PReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+# A config field naming one of ACTIVATIONS.
+Activation = Literal[tuple(ACTIVATIONS)]
 
 
 class MLP(nn.Module):
@@ -186,3 +193,61 @@ class TargetAttention(nn.Module):
         else:
             weights = weights * mask.to(weights.dtype)
         return torch.einsum("bkl,bld->bkd", weights, keys)
+
+
+# A tower's layer widths: at least one layer, whose width is the tower's output dim.
+TowerLayers = Annotated[LayerSizes, Field(min_length=1)]
+
+
+@config_dataclass
+class TowerConfig:
+    """The fields of a model built on MLP towers, which its config inherits as flat keys
+    (`--set hidden=[256,128]`, `dropout=0.1`). Defaults are the IntTower repository's Two-Tower
+    towers; a config redeclares the fields whose defaults differ."""
+
+    hidden: TowerLayers = (300, 300, 128)
+    activation: Activation = "relu"
+    batch_norm: bool = True
+    dropout: DropoutRate = 0.0
+    embed_init_std: PositiveFloat = 0.01  # std of the normal init of every embedding table
+
+
+class TowerPair(nn.Module):
+    """A user tower and an item tower, MLPs over one shared embedding bank (`TowerConfig`'s fields).
+
+    `user_fields(user).flat()` [B, F_u·d + n_u] feeds `user_tower` -> [B, hidden[-1]];
+    `item_fields(items).flat()` [M, F_v·d + n_v] feeds `item_tower` -> [M, hidden[-1]].
+    `output_activation` False keeps the last layer linear, so a vector can take any sign (a ReLU
+    output would confine a cosine to [0, 1]). `user_extra_dim`: inputs a model appends to the user
+    fields before the tower (e.g. FIT's attention output).
+    """
+
+    def __init__(self, schema: Schema, config: TowerConfig, output_activation: bool = False, user_extra_dim: int = 0) -> None:
+        super().__init__()
+        c = config
+        self.embeddings = EmbeddingBank(schema, init_std=c.embed_init_std)
+        self.user_fields = FieldEncoder(self.embeddings, schema.user_features)
+        self.item_fields = FieldEncoder(self.embeddings, schema.item_features)
+        mlp = dict(activation=c.activation, batch_norm=c.batch_norm, dropout=c.dropout, output_activation=output_activation)
+        self.user_tower = MLP(self.user_fields.flat_dim + user_extra_dim, tuple(c.hidden), **mlp)
+        self.item_tower = MLP(self.item_fields.flat_dim, tuple(c.hidden), **mlp)
+
+
+class LearnableTemperature(nn.Module):
+    """The scale 1/tau that multiplies a similarity, learned in log space from an initial tau.
+
+    `forward()` -> [] the scale exp(min(log_inv_temperature, log 100)). The cap (tau >= 0.01, as
+    CLIP's logit scale) keeps a cosine logit from growing without bound once the model separates
+    the training rows. `learnable=False` holds tau at its initial value.
+    """
+
+    MAX_SCALE = 100.0
+
+    def __init__(self, initial: float, learnable: bool = True) -> None:
+        super().__init__()
+        if not initial > 0:
+            raise ValueError(f"a temperature must be > 0, got {initial}")
+        self.log_inv_temperature = nn.Parameter(torch.tensor(-math.log(initial)), requires_grad=learnable)
+
+    def forward(self) -> Tensor:
+        return self.log_inv_temperature.clamp(max=math.log(self.MAX_SCALE)).exp()

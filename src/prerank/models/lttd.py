@@ -73,56 +73,51 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prerank.config import DropoutRate, LayerSizes, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from prerank.data.schema import Schema
 from prerank.data.table import LABEL
 from prerank.models.base import ALL_PARTS, PreRankModel, State, TrainingPhase, config_dataclass, register
+from prerank.models.layers import ACTIVATIONS, MLP, Activation, EmbeddingBank, FieldEncoder, LearnableTemperature
 from prerank.models.list_losses import NEG, distillation_loss, listnet_loss
-from prerank.models.layers import ACTIVATIONS, MLP, EmbeddingBank, FieldEncoder
 
 
 
 @config_dataclass
 class LTTDConfig:
     # two-tower encoder
-    dim: int = 64  # d
-    field_hidden: int = 64  # per-field hidden state size
-    tower_hidden: tuple[int, ...] = (128,)
-    residual_dim: int = 16  # d_r; 0 disables the residual extractors
-    residual_hidden: tuple[int, ...] = (128,)
-    activation: str = "relu"
+    dim: PositiveInt = 64  # d
+    field_hidden: PositiveInt = 64  # per-field hidden state size
+    tower_hidden: LayerSizes = (128,)
+    residual_dim: NonNegativeInt = 16  # d_r; 0 disables the residual extractors
+    residual_hidden: LayerSizes = (128,)
+    activation: Activation = "relu"
     pooling: Literal["attention", "mean"] = "attention"
     similarity: Literal["cosine", "dot"] = "cosine"
-    temperature: float = 0.05
+    temperature: PositiveFloat = 0.05
     learn_temperature: bool = True
-    embed_init_std: float = 0.01
+    embed_init_std: PositiveFloat = 0.01
     # listwise transformer
-    model_dim: int = 64
-    layers: int = 2
-    heads: int = 4
-    feedforward: int = 128
-    dropout: float = 0.1
+    model_dim: PositiveInt = 64
+    layers: PositiveInt = 2
+    heads: PositiveInt = 4
+    feedforward: PositiveInt = 128
+    dropout: DropoutRate = 0.1
     # False: each candidate attends only to itself (an ablation: the same tokens, no list context)
     list_attention: bool = True
     # losses
     mode: Literal["joint", "disjoint"] = "joint"
-    retrieval_weight: float = 1.0  # w_ret
-    rank_weight: float = 1.0  # w_rank
-    kd_weight: float = 0.5  # lambda_KD
-    kd_down_weight: float = 1.0  # w_down: LT -> TTE
-    kd_up_weight: float = 0.25  # w_up: TTE -> LT
-    kd_temperature: float = 1.0  # T
+    retrieval_weight: NonNegativeFloat = 1.0  # w_ret
+    rank_weight: NonNegativeFloat = 1.0  # w_rank
+    kd_weight: NonNegativeFloat = 0.5  # lambda_KD
+    kd_down_weight: NonNegativeFloat = 1.0  # w_down: LT -> TTE
+    kd_up_weight: NonNegativeFloat = 0.25  # w_up: TTE -> LT
+    kd_temperature: PositiveFloat = 1.0  # T
     retrieval_negatives: Literal["list", "list+batch"] = "list+batch"
-    retrieval_min_relevance: int = 3
+    retrieval_min_relevance: PositiveInt = 3
 
     def __post_init__(self) -> None:
         if self.model_dim % self.heads:
             raise ValueError(f"model_dim {self.model_dim} must be divisible by heads {self.heads}")
-        if min(self.retrieval_weight, self.rank_weight, self.kd_weight, self.kd_down_weight, self.kd_up_weight) < 0:
-            raise ValueError("LT-TTD loss weights must be >= 0")
-        if self.kd_temperature <= 0 or self.temperature <= 0:
-            raise ValueError("temperatures must be > 0")
-        if self.dim < 1 or self.residual_dim < 0 or self.layers < 1:
-            raise ValueError("dim and layers must be >= 1, residual_dim >= 0")
 
 
 class FieldPoolingEncoder(nn.Module):
@@ -208,7 +203,7 @@ class LTTD(PreRankModel):
         self.embeddings = EmbeddingBank(schema, init_std=c.embed_init_std)
         self.user_encoder = FieldPoolingEncoder(FieldEncoder(self.embeddings, schema.user_features), c)
         self.item_encoder = FieldPoolingEncoder(FieldEncoder(self.embeddings, schema.item_features), c)
-        self.log_inv_temperature = nn.Parameter(torch.tensor(-math.log(c.temperature)), requires_grad=c.learn_temperature)
+        self.similarity_scale = LearnableTemperature(c.temperature, learnable=c.learn_temperature)
         self.bias = nn.Parameter(torch.zeros(()))
         self.token = nn.Linear(2 * c.dim + 2 * c.residual_dim + 1, c.model_dim)
         layer = nn.TransformerEncoderLayer(c.model_dim, c.heads, c.feedforward, c.dropout, batch_first=True, norm_first=True)
@@ -229,7 +224,7 @@ class LTTD(PreRankModel):
         """The TTE's parameters: embeddings, per-field encoders and towers, temperature and bias."""
         residual = {id(p) for enc in (self.user_encoder, self.item_encoder) if enc.residual is not None for p in enc.residual.parameters()}
         tte = [*self.embeddings.parameters(), *self.user_encoder.parameters(), *self.item_encoder.parameters(),
-               self.log_inv_temperature, self.bias]
+               *self.similarity_scale.parameters(), self.bias]
         return [p for p in tte if id(p) not in residual]
 
     # -- the contract ---------------------------------------------------------------------------
@@ -246,7 +241,7 @@ class LTTD(PreRankModel):
         return torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"])
 
     def _scale(self) -> Tensor:
-        return self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
+        return self.similarity_scale()
 
     def coarse_score(self, user_state: State, item_state: State) -> Tensor:
         """The TTE stage alone: t(q, i) = s(q, i) / tau + b, [B, N], pointwise along N."""

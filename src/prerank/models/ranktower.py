@@ -34,30 +34,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prerank.config import DropoutRate, LayerSizes, NonNegativeFloat, PositiveFloat, PositiveInt
 from prerank.data.schema import Schema
 from prerank.models.base import PreRankModel, State, config_dataclass, register
-from prerank.models.layers import MLP, EmbeddingBank, FieldEncoder
+from prerank.models.layers import MLP, Activation, EmbeddingBank, FieldEncoder
 
 
 @config_dataclass
 class RankTowerConfig:
-    heads: int = 4  # H
-    head_dim: int = 64  # d_h
-    hidden: tuple[int, ...] = (256,)
-    activation: str = "relu"
-    dropout: float = 0.1
-    gate_scale: float = 2.0
-    attention_heads: int = 1  # n_a
+    heads: PositiveInt = 4  # H
+    head_dim: PositiveInt = 64  # d_h
+    hidden: LayerSizes = (256,)  # () leaves one linear layer to the heads
+    activation: Activation = "relu"
+    dropout: DropoutRate = 0.1
+    gate_scale: NonNegativeFloat = 2.0
+    attention_heads: PositiveInt = 1  # n_a
     symmetric_maxsim: bool = False
-    temperature: float = 0.1
+    temperature: PositiveFloat = 0.1
     learn_bias: bool = True
-    embed_init_std: float = 0.01
+    embed_init_std: PositiveFloat = 0.01
 
     def __post_init__(self) -> None:
         if self.head_dim % self.attention_heads:
             raise ValueError(f"head_dim {self.head_dim} must be divisible by attention_heads {self.attention_heads}")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
 
 
 class GatedHeads(nn.Module):

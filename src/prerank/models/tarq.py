@@ -92,50 +92,46 @@ utilisation of each training batch in `batch_utilisation` (a list, one entry per
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from prerank.config import LayerSizes, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from prerank.data.schema import PAD_INDEX, Schema
 from prerank.models.base import PreRankModel, State, config_dataclass, register
-from prerank.models.layers import MLP
-from prerank.models.two_tower import TowerPair
+from prerank.models.layers import MLP, LearnableTemperature, TowerConfig, TowerPair
 
 
 @config_dataclass
-class TarqConfig:
-    hidden: tuple[int, ...] = (300, 300, 128)
-    activation: str = "relu"
-    batch_norm: bool = True
-    dropout: float = 0.0
-    temperature: float = 0.05
-    embed_init_std: float = 0.01
-    levels: int = 3  # L
-    codebook_size: int = 64  # K
+class TarqConfig(TowerConfig):
+    temperature: PositiveFloat = 0.05
+    levels: PositiveInt = 3  # L
+    codebook_size: PositiveInt = 64  # K
     codebook_init: Literal["kmeans", "random"] = "kmeans"
-    kmeans_iterations: int = 10
+    kmeans_iterations: NonNegativeInt = 10
     codebook_update: Literal["ema", "loss"] = "ema"
-    ema_decay: float = 0.99
-    codebook_weight: float = 1.0  # codebook_update="loss" only
-    commitment_weight: float = 0.25
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    codebook_weight: NonNegativeFloat = 1.0  # codebook_update="loss" only
+    commitment_weight: NonNegativeFloat = 0.25
     dead_code_restart: bool = True
-    restart_after: int = 50  # training steps without use
-    attention_heads: int = 2
+    restart_after: PositiveInt = 50  # training steps without use
+    attention_heads: PositiveInt = 2
     share_attention: bool = False
     teacher_query: Literal["item_encoder", "separate"] = "item_encoder"
     teacher_head: Literal["composed", "mlp"] = "composed"
     combine: Literal["sum", "attention_only"] = "sum"
-    attention_weight: float = 1.0
-    teacher_weight: float = 1.0
-    distill_weight: float = 1.0
+    attention_weight: NonNegativeFloat = 1.0
+    teacher_weight: NonNegativeFloat = 1.0
+    distill_weight: NonNegativeFloat = 1.0
     align: bool = True
-    align_weight: float = 1.0  # λ_KL, the official default
-    align_rows: int = 256
+    align_weight: NonNegativeFloat = 1.0  # λ_KL, the official default
+    align_rows: PositiveInt = 256
     align_normalise: bool = False  # [I] divide squared distances by their (detached) mean over the K codes
-    align_temperature: float = 1.0
-    item_encoder_hidden: tuple[int, ...] = (64,)
+    align_temperature: PositiveFloat = 1.0
+    item_encoder_hidden: LayerSizes = (64,)
 
 
 def residual_quantize(vectors: Tensor, codebooks: Tensor) -> tuple[Tensor, Tensor]:
@@ -256,7 +252,7 @@ class Tarq(PreRankModel):
         self.sequence = schema.sequence_feature
         if self.sequence is None:
             raise ValueError("tarq needs a behaviour-sequence feature in the schema (use --seq-len > 0)")
-        self.towers = TowerPair(schema, c.hidden, c.activation, c.batch_norm, c.dropout, c.embed_init_std)
+        self.towers = TowerPair(schema, c)
         dim = self.sequence.embed_dim
         item_flat = self.towers.item_fields.flat_dim
         self.item_encoder = MLP(item_flat, (*c.item_encoder_hidden, dim), output_activation=False)
@@ -276,7 +272,7 @@ class Tarq(PreRankModel):
         if c.teacher_head == "mlp":
             self.teacher_head = nn.Sequential(MLP(3 * dim, (64,)), nn.Linear(64, 1))
         self.head_key = nn.Linear(self.towers.item_tower.out_dim, dim, bias=False)
-        self.log_inv_temperature = nn.Parameter(torch.tensor(-math.log(c.temperature)))
+        self.similarity_scale = LearnableTemperature(c.temperature)
         self.bias = nn.Parameter(torch.zeros(()))
         self.batch_utilisation: list[list[float]] = []
         self._pending: dict[str, Tensor] | None = None
@@ -340,8 +336,7 @@ class Tarq(PreRankModel):
         """The served logit from an attention vector per candidate [B, N, d] (ĥ, or h_TA for the teacher)."""
         logit = self.config.attention_weight * (attention * item_state["head_key"]).sum(-1) + self.bias
         if self.config.combine == "sum":
-            scale = self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
-            logit = logit + torch.einsum("bd,bnd->bn", user_vector, item_state["vector"]) * scale
+            logit = logit + torch.einsum("bd,bnd->bn", user_vector, item_state["vector"]) * self.similarity_scale()
         return logit
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:

@@ -21,43 +21,25 @@ per request; `score` is one dot product per candidate. Normalisation is hoisted 
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prerank.config import PositiveFloat
 from prerank.data.schema import Schema
 from prerank.models.base import PreRankModel, State, config_dataclass, register
-from prerank.models.layers import MLP, EmbeddingBank, FieldEncoder
+from prerank.models.layers import LearnableTemperature, TowerConfig, TowerPair
 
 
 @config_dataclass
-class TwoTowerConfig:
-    hidden: tuple[int, ...] = (300, 300, 128)
-    activation: str = "relu"
-    batch_norm: bool = True
-    dropout: float = 0.0
+class TwoTowerConfig(TowerConfig):
+    """Tower fields (`TowerConfig`'s defaults) plus the similarity and its temperature."""
+
     similarity: Literal["cosine", "dot"] = "cosine"
-    temperature: float = 0.05
+    temperature: PositiveFloat = 0.05
     learn_temperature: bool = True
-    embed_init_std: float = 0.01
-
-
-class TowerPair(nn.Module):
-    """The two MLP towers over one shared embedding bank: reused by models built on a two-tower."""
-
-    def __init__(self, schema: Schema, hidden, activation, batch_norm, dropout, embed_init_std, output_activation=False,
-                 user_extra_dim: int = 0) -> None:
-        super().__init__()
-        self.embeddings = EmbeddingBank(schema, init_std=embed_init_std)
-        self.user_fields = FieldEncoder(self.embeddings, schema.user_features)
-        self.item_fields = FieldEncoder(self.embeddings, schema.item_features)
-        mlp = dict(activation=activation, batch_norm=batch_norm, dropout=dropout, output_activation=output_activation)
-        # `user_extra_dim`: inputs a model appends to the user fields (e.g. FIT's attention output).
-        self.user_tower = MLP(self.user_fields.flat_dim + user_extra_dim, tuple(hidden), **mlp)
-        self.item_tower = MLP(self.item_fields.flat_dim, tuple(hidden), **mlp)
 
 
 @register
@@ -67,11 +49,8 @@ class TwoTower(PreRankModel):
 
     def __init__(self, schema: Schema, config: TwoTowerConfig) -> None:
         super().__init__(schema, config)
-        c = config
-        # The last tower layer is linear so the vector can take any sign (a ReLU output would
-        # confine the cosine to [0, 1]).
-        self.towers = TowerPair(schema, c.hidden, c.activation, c.batch_norm, c.dropout, c.embed_init_std)
-        self.log_inv_temperature = nn.Parameter(torch.tensor(-math.log(c.temperature)), requires_grad=c.learn_temperature)
+        self.towers = TowerPair(schema, config)  # the last tower layer is linear
+        self.similarity_scale = LearnableTemperature(config.temperature, learnable=config.learn_temperature)
         self.bias = nn.Parameter(torch.zeros(()))
 
     def _vector(self, tower: nn.Module, fields: Tensor) -> Tensor:
@@ -85,5 +64,5 @@ class TwoTower(PreRankModel):
         return {"vector": self._vector(self.towers.user_tower, self.towers.user_fields(user).flat())}
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
-        scale = self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
-        return torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"]) * scale + self.bias
+        similarity = torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"])
+        return similarity * self.similarity_scale() + self.bias

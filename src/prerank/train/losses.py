@@ -21,27 +21,27 @@ positive gain, a stage pair), so a term missing from a batch contributes 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
+from pydantic import Field
 from torch import Tensor
 
+from prerank.config import NonNegativeFloat, PositiveFloat, config_dataclass
 from prerank.models.list_losses import distillation_loss, listnet_loss, stage_pairwise_loss
 
 
-@dataclass
-class HybridLossConfig:
-    distill_weight: float = 1.0
-    fine_weight: float = 1.0
-    coarse_weight: float = 1.0
-    teacher_temperature: float = 1.0
-    distill_min_stage: int = 2  # the ranked space: passed pre-ranking (or really interacted)
-    fine_min_stage: int = 3  # the exposed space: teacher top-N2 plus the real interactions
+# Stages of a cascade candidate (`prerank.cascade`): random 0, retrieved 1, pre-ranked 2, exposed 3.
+Stage = Annotated[int, Field(ge=0, le=3)]
 
-    def __post_init__(self) -> None:
-        if min(self.distill_weight, self.fine_weight, self.coarse_weight) < 0:
-            raise ValueError("hybrid loss weights must be >= 0")
-        if self.teacher_temperature <= 0:
-            raise ValueError("teacher_temperature must be > 0")
+
+@config_dataclass
+class HybridLossConfig:
+    distill_weight: NonNegativeFloat = 1.0
+    fine_weight: NonNegativeFloat = 1.0
+    coarse_weight: NonNegativeFloat = 1.0
+    teacher_temperature: PositiveFloat = 1.0
+    distill_min_stage: Stage = 2  # the ranked space: passed pre-ranking (or really interacted)
+    fine_min_stage: Stage = 3  # the exposed space: teacher top-N2 plus the real interactions
 
 
 # No hybrid term: a model whose own auxiliary losses are its list objective (`list_objective = "own"`).

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from prerank.config import NonEmptyStr, NonNegativeFloat, PositiveFloat, PositiveInt, Seed, config_dataclass
 from prerank.data.table import LABEL, SampleTable
 from prerank.metrics import auc, pointwise_report
 from prerank.models.base import PreRankModel
@@ -31,23 +32,19 @@ from prerank.train import distributed
 from prerank.train.checkpoint import save_checkpoint
 
 
-@dataclass
+@config_dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 2048
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 3  # epochs without a better validation AUC before stopping
-    seed: int = 2022
-    device: str = "cpu"
-    eval_batch_size: int = 16384
-    num_threads: int | None = None
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 2048
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    patience: PositiveInt = 3  # epochs without a better validation AUC before stopping
+    seed: Seed = 2022
+    device: NonEmptyStr = "cpu"
+    eval_batch_size: PositiveInt = 16384
+    num_threads: PositiveInt | None = None
     progress: bool = True
-    max_grad_norm: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+    max_grad_norm: PositiveFloat | None = None
 
 
 @dataclass
