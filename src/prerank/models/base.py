@@ -37,12 +37,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Iterator, Literal, Optional, Union
 
+import pydantic
 import torch
 from torch import Tensor, nn
 
-from prerank.config import ConfigError, PositiveInt  # noqa: F401  (models import ConfigError from here)
+from prerank.config import ConfigError  # noqa: F401  (models import it from here)
 from prerank.config import config_dataclass as validated_config
 from prerank.data.schema import Schema
 from prerank.models.registry import ModelRegistry
@@ -216,8 +217,10 @@ def register(cls: type[PreRankModel]) -> type[PreRankModel]:
     return REGISTRY.add(cls)
 
 
-# One dim for every table, or table (or feature) name -> dim; None keeps the schema's dims.
-EmbedDims = Optional[Union[PositiveInt, dict[str, PositiveInt]]]
+# One dim for every table, or table (or feature) name -> dim; None keeps the schema's dims. Strict:
+# a string or a bool is a mistake here, not a number.
+EmbedDim = Annotated[int, pydantic.Field(strict=True, gt=0)]
+EmbedDims = Optional[Union[EmbedDim, dict[str, EmbedDim]]]
 
 
 def config_dataclass(cls):
