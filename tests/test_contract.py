@@ -1,13 +1,19 @@
 """The shared contract, checked for every registered model: parity of precomputed item states with
-the training forward pass, user/item isolation, the N axis, and gradient flow."""
+the forward pass, user/item isolation, the N axis, gradient flow, and the training side: training-mode
+parity with the serving stages, one optimisation step in every declared training mode and phase,
+and a config round trip through YAML."""
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from prerank.data.table import LABEL
 from prerank.models import REGISTRY, create_model
-from prerank.models.base import PreRankModel, gather_items
+from prerank.models.base import PreRankModel, config_to_dict, gather_items
+from prerank.train.listwise import ListBatches, ListwiseTrainer
+from prerank.train.losses import NO_HYBRID, HybridLossConfig
+from prerank.train.trainer import Trainer, TrainConfig
 
 MODELS = sorted(REGISTRY)
 # Small configs keep the suite fast; each model's defaults are exercised by the CLI tests.
@@ -60,12 +66,13 @@ def test_user_state_ignores_item_features_and_vice_versa(name, small_data, small
     swapped_items = dict(batch, **{f.name: batch[f.name][perm] for f in small_data.schema.item_features})
     swapped_users = dict(batch, **{f.name: batch[f.name][perm] for f in small_data.schema.user_features})
     with torch.no_grad():
-        for a, b in zip(model.encode_user(model.user_inputs(batch)).values(),
-                        model.encode_user(model.user_inputs(swapped_items)).values()):
-            torch.testing.assert_close(a, b)
-        for a, b in zip(model.encode_items(model.item_inputs(batch)).values(),
-                        model.encode_items(model.item_inputs(swapped_users)).values()):
-            torch.testing.assert_close(a, b)
+        for encode, inputs, swapped in ((model.encode_user, model.user_inputs, swapped_items),
+                                        (model.encode_items, model.item_inputs, swapped_users)):
+            state, other = encode(inputs(batch)), encode(inputs(swapped))
+            # An empty state would pass the comparison below without checking anything.
+            assert state and state.keys() == other.keys(), (encode.__name__, sorted(state), sorted(other))
+            for key in state:
+                torch.testing.assert_close(state[key], other[key], msg=f"{encode.__name__}: {key}")
         # And each stage runs on its own side's features alone: no hidden reach across.
         model.encode_user({f.name: batch[f.name] for f in small_data.schema.user_features})
         model.encode_items({f.name: batch[f.name] for f in small_data.schema.item_features})
@@ -97,3 +104,83 @@ def test_gradient_reaches_every_parameter(name, small_data):
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, f"no gradient reaches: {missing}"
+
+
+# -- the training side of the contract ---------------------------------------------------------
+
+def without_dropout(name):
+    """The model's small config with dropout off where it has one: training-mode parity compares two
+    computations of the same function, which dropout would draw differently."""
+    config = dict(SMALL.get(name, {}))
+    if "dropout" in REGISTRY[name].Config.__dataclass_fields__:
+        config["dropout"] = 0.0
+    return config
+
+
+def list_batch(model, data, cascade, requests=6):
+    """The first `requests` training lists of the shared cascade as one listwise batch ([B, N] items, mask)."""
+    return next(ListBatches(model, data, cascade.lists("train"), torch.device("cpu")).batches(requests))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_mode_forward_equals_the_serving_stages(name, small_data, cascade):
+    """`forward` in training mode (through the model's `batch_states`, which may take a cheaper path
+    when the candidates are known) gives the logits of `encode_user` + `encode_items` + `score` in
+    the same mode, on rows and (for models that train on them) padded request lists; and the item state has the same keys in
+    training and serving."""
+    torch.manual_seed(0)
+    model = create_model(name, small_data.schema, without_dropout(name)).train()
+    rows = small_data.train.subset(np.arange(64)).to_tensors()
+    lists = [list_batch(model, small_data, cascade)] if "listwise" in model.training_modes else []
+    for batch in (rows, *lists):
+        trained = model(batch).logits
+        with torch.no_grad():
+            mask = batch.get("mask")
+            stages = model.score(model.encode_user(model.user_inputs(batch)), model.encode_item_lists(model.item_inputs(batch)),
+                                 None if mask is None else mask.bool())
+        torch.testing.assert_close(trained.detach(), stages, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        training_keys = set(model.encode_items(model.item_inputs(rows)))
+        serving_keys = set(model.eval().encode_items(model.item_inputs(rows)))
+    assert training_keys == serving_keys
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_one_optimisation_step_in_every_declared_training_mode(name, small_data, cascade):
+    """Each mode the model declares (`training_modes`), each phase of its training plan: the loss the
+    trainer builds is finite and one Adam step moves that phase's parameters and no others."""
+    for mode in REGISTRY[name].training_modes:
+        torch.manual_seed(0)
+        model = create_model(name, small_data.schema, SMALL.get(name, {})).train()
+        config = TrainConfig(epochs=1, batch_size=32, lr=1e-2, progress=False)
+        if mode == "pointwise":
+            batch, trainer = small_data.train.subset(np.arange(64)).to_tensors(), Trainer(model, config)
+            loss_of = trainer.loss
+        else:
+            hybrid = NO_HYBRID if model.list_objective == "own" else HybridLossConfig()
+            batch, trainer = list_batch(model, small_data, cascade), ListwiseTrainer(model, config, hybrid)
+            loss_of = trainer.list_loss
+        for phase in model.training_phases():
+            with model.training_phase(phase):
+                trainable = [p for p in model.parameters() if p.requires_grad]
+                before = {n: p.detach().clone() for n, p in model.named_parameters()}
+                loss, _ = loss_of(batch)
+                assert torch.isfinite(loss), (mode, phase.name)
+                optimizer = torch.optim.Adam(trainable, lr=1e-2)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+                chosen = {n for n, p in model.named_parameters() if any(p is q for q in trainable)}
+            assert moved and moved <= chosen, (mode, phase.name, sorted(moved - chosen))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_config_round_trip_through_yaml(name, small_data):
+    """YAML -> config -> model -> YAML: the written options rebuild the same config and the same model shapes."""
+    model = build(name, small_data.schema)
+    written = yaml.safe_dump(config_to_dict(model.config))
+    rebuilt = create_model(name, small_data.schema, yaml.safe_load(written))
+    assert config_to_dict(rebuilt.config) == config_to_dict(model.config)
+    assert yaml.safe_dump(config_to_dict(rebuilt.config)) == written
+    assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}

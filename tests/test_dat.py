@@ -40,17 +40,27 @@ def test_multi_valued_categories_map_to_the_first_or_to_each():
     assert each.tolist() == [[0, 0, 0, 1, 0, 1], [0, 0, 0, 0, 1, 0]]  # padding 0 is no category
 
 
-def test_augmented_vectors_are_per_id_and_only_in_training_states(small_data, small_batch):
+def test_the_mimic_losses_use_each_rows_augmented_vectors_and_the_states_stay_the_serving_ones(small_data, small_batch):
     batch, _ = small_batch
     torch.manual_seed(0)
-    model = create_model("dat", small_data.schema, SMALL["dat"])
+    model = create_model("dat", small_data.schema, {**SMALL["dat"], "category_weight": 0.0})
     output = model.train()(batch)
-    assert set(output.aux_losses) == {"mimic_user", "mimic_item", "category_alignment"}
-    user_state = model.encode_user(model.user_inputs(batch))
-    torch.testing.assert_close(user_state["augment"], model.user_augment(batch[small_data.schema.user_id]))
-    model.eval()
-    assert set(model.encode_user(model.user_inputs(batch))) == {"vector"}
-    assert set(model.encode_items(model.item_inputs(batch))) == {"vector"}
+    assert set(output.aux_losses) == {"mimic_user", "mimic_item"}
+    with torch.no_grad():
+        p_u = model.encode_user(model.user_inputs(batch))["vector"]
+        p_v = model.encode_items(model.item_inputs(batch))["vector"]
+        a_u = model.user_augment(batch[small_data.schema.user_id])
+        a_v = model.item_augment(batch[small_data.schema.item_id])
+        label = batch[LABEL]
+        # Adaptive-Mimic by hand: positives pull their augmented vector onto the other side's vector.
+        expected_user = (label * ((a_u - p_v) ** 2).sum(-1)).mean() * model.config.mimic_user_weight
+        expected_item = (label * ((a_v - p_u) ** 2).sum(-1)).mean() * model.config.mimic_item_weight
+    torch.testing.assert_close(output.aux_losses["mimic_user"].detach(), expected_user)
+    torch.testing.assert_close(output.aux_losses["mimic_item"].detach(), expected_item)
+    for mode in (model.train, model.eval):
+        mode()
+        assert set(model.encode_user(model.user_inputs(batch))) == {"vector"}
+        assert set(model.encode_items(model.item_inputs(batch))) == {"vector"}
     # The main loss alone already trains the augmented vectors through their towers.
     model.train()
     model.zero_grad()

@@ -78,6 +78,8 @@ class DATConfig(TowerConfig):
 class DAT(PreRankModel):
     name = "dat"
     Config = DATConfig
+    # Sample rows only: the mimic and category-alignment losses are per labelled row.
+    training_modes = ("pointwise",)
 
     def __init__(self, schema: Schema, config: DATConfig) -> None:
         super().__init__(schema, config)
@@ -114,13 +116,14 @@ class DAT(PreRankModel):
 
     def _encode(self, fields: FieldEncoder, augment: nn.Embedding, tower: MLP, features: dict[str, Tensor], key: str) -> State:
         a = augment(features[key])
-        p = F.normalize(tower(torch.cat([fields(features).flat(), a], dim=-1)), dim=-1)
-        return {"vector": p, "augment": a} if self.training else {"vector": p}
+        return {"vector": F.normalize(tower(torch.cat([fields(features).flat(), a], dim=-1)), dim=-1)}
 
     def encode_items(self, items: dict[str, Tensor]) -> State:
+        """Item features [M] -> {"vector": p_v [M, D]} (L2-normalised, the augmented vector a_v among the tower's inputs)."""
         return self._encode(self.item_fields, self.item_augment, self.item_tower, items, self.schema.item_id)
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
+        """User features [B] -> {"vector": p_u [B, D]} (L2-normalised, a_u among the tower's inputs)."""
         return self._encode(self.user_fields, self.user_augment, self.user_tower, user, self.schema.user_id)
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
@@ -133,9 +136,13 @@ class DAT(PreRankModel):
         c = self.config
         label = batch[self.schema.label].reshape(-1)
         p_u, p_v = user_state["vector"], item_state["vector"][:, 0]
+        # The augmented vectors are looked up again rather than kept in the states, which stay the
+        # serving states (a lookup per row is cheap).
+        a_u = self.user_augment(batch[self.schema.user_id])
+        a_v = self.item_augment(batch[self.schema.item_id].reshape(-1))
         losses = {
-            "mimic_user": c.mimic_user_weight * mimic_loss(user_state["augment"], p_v, label),
-            "mimic_item": c.mimic_item_weight * mimic_loss(item_state["augment"][:, 0], p_u, label),
+            "mimic_user": c.mimic_user_weight * mimic_loss(a_u, p_v, label),
+            "mimic_item": c.mimic_item_weight * mimic_loss(a_v, p_u, label),
         }
         if self.category_feature is not None:
             ids = batch[self.category_feature]

@@ -245,6 +245,8 @@ class DotProductTargetAttention(nn.Module):
 class Tarq(PreRankModel):
     name = "tarq"
     Config = TarqConfig
+    # Sample rows only: the teacher's BCE needs a label per candidate, which cascade lists do not carry.
+    training_modes = ("pointwise",)
 
     def __init__(self, schema: Schema, config: TarqConfig) -> None:
         super().__init__(schema, config)
