@@ -196,6 +196,11 @@ def run_benchmark(config: BenchmarkConfig, out: Path, progress: bool = True) -> 
     return results
 
 
+def _mean_or_none(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
 def _mean_std(values) -> tuple[float, float]:
     values = np.asarray(values, dtype=float)
     return float(values.mean()), float(values.std())
@@ -236,6 +241,9 @@ def aggregate(results: list[dict]) -> list[dict]:
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "p50_ms": _mean_std([r["serving"]["p50_ms"] for r in runs])[0],
             "p99_ms": _mean_std([r["serving"]["p99_ms"] for r in runs])[0],
+            # CPU time of the same requests (prerank.latency): what a request costs on a core of its own.
+            "cpu_p99_ms": _mean_or_none([r["serving"].get("cpu_time", {}).get("total", {}).get("p99_ms") for r in runs]),
+            "load_average_1min": _mean_or_none([r["serving"].get("load_average_1min") for r in runs]),
             "bytes_per_item": _mean_std([r["item_state_bytes"] for r in runs])[0],
             "num_parameters": runs[0]["num_parameters"],
             "published": PUBLISHED.get(resolve_variant(variant)[0], {}) if runs[0]["dataset"] == "ml-1m" else {},
@@ -266,8 +274,8 @@ def write_reports(results: list[dict], config: BenchmarkConfig, out: Path) -> No
                            "(the user's other positives masked).")
     quality = ["| model | role | seeds | AUC | log loss | GAUC | RelaImpr vs two_tower | " + "".join(f"{c} | " for c in list_columns)
                + "published AUC |", "|---|---|---|---|---|---|---|" + "---|" * len(list_columns) + "---|"]
-    cost = ["| model | s/epoch | train rows/s | peak RSS (MB) | p50 ms | p99 ms | bytes/item | vs two_tower | parameters |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    cost = ["| model | s/epoch | train rows/s | peak RSS (MB) | p50 ms | p99 ms | CPU p99 ms | load avg | bytes/item | vs two_tower "
+            "| parameters |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         impr = "–" if r["rela_impr"] is None or r["model"] == BASE else f"{r['rela_impr']:+.2f}% ± {r['rela_impr_std']:.2f}"
@@ -276,7 +284,8 @@ def write_reports(results: list[dict], config: BenchmarkConfig, out: Path) -> No
                        f"{r['logloss']:.4f} ± {r['logloss_std']:.4f} | {r['gauc']:.4f} | {impr} | "
                        + "".join(f"{fmt(r.get(c), '.4f')} | " for c in list_columns) + f"{published} |")
         cost.append(f"| {r['model']} | {r['seconds_per_epoch']:.1f} | {r['rows_per_second']:,.0f} | {r['peak_rss_mb']:,.0f} | "
-                    f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['bytes_per_item']:.0f} | {fmt(r['storage_vs_two_tower'], '.2f')}× | "
+                    f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {fmt(r['cpu_p99_ms'], '.3f')} | {fmt(r['load_average_1min'], '.2f')} | "
+                    f"{r['bytes_per_item']:.0f} | {fmt(r['storage_vs_two_tower'], '.2f')}× | "
                     f"{r['num_parameters']:,} |")
     markdown = (f"# prerank benchmark\n\n{header}\n\n## Quality (test split)\n\n" + "\n".join(quality)
                 + f"\n\n{published_note}\n\n## Cost\n\n" + "\n".join(cost)
@@ -286,7 +295,7 @@ def write_reports(results: list[dict], config: BenchmarkConfig, out: Path) -> No
     for name, columns in (("quality", ["model", "role", "seeds", "auc", "auc_std", "logloss", "logloss_std", "gauc", "rela_impr", "rela_impr_std",
                                        *list_columns]),
                           ("cost", ["model", "seconds_per_epoch", "rows_per_second", "peak_rss_mb", "p50_ms", "p99_ms",
-                                    "bytes_per_item", "storage_vs_two_tower", "num_parameters"])):
+                                    "cpu_p99_ms", "load_average_1min", "bytes_per_item", "storage_vs_two_tower", "num_parameters"])):
         with open(out / f"{name}.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
