@@ -102,22 +102,24 @@ class PreRankModel(nn.Module):
 
     # -- the contract ---------------------------------------------------------------------------
     def encode_items(self, items: dict[str, Tensor]) -> State:
-        """Item features (leading dim M) -> item state (leading dim M): item-side features only."""
+        """Item features {name: [M] or [M, S]} (bags and sequences [M, S]) -> item state {key: [M, ...]}:
+        item-side features only."""
         raise NotImplementedError
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
-        """User and context features (leading dim B) -> user state (leading dim B)."""
+        """User and context features {name: [B] or [B, S]} -> user state {key: [B, ...]}."""
         raise NotImplementedError
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
-        """User state [B, ...] and item state [B, N, ...] -> logits [B, N]; `mask` [B, N] bool marks
-        the real candidates of padded lists (None: all are)."""
+        """User state {key: [B, ...]} and item state {key: [B, N, ...]} -> logits [B, N]; `mask` [B, N]
+        bool marks the real candidates of padded lists (None: all are)."""
         raise NotImplementedError
 
     # -- training hooks (defaults: the plain case) ----------------------------------------------
     def auxiliary_losses(self, batch: dict[str, Tensor], user_state: State, item_state: State, logits: Tensor) -> dict[str, Tensor]:
-        """Extra training losses (already weighted), name -> scalar. Only called in training mode;
-        `logits` [B, N] are `score`'s on `batch_states(batch)`."""
+        """Extra training losses (already weighted), name -> scalar []. Only called in training mode;
+        `batch` holds features [B] (rows, N = 1) or [B, N] (request lists, with "mask" [B, N]), the
+        states are `batch_states(batch)` ([B, ...] and [B, N, ...]) and `logits` [B, N] `score`'s on them."""
         return {}
 
     def batch_states(self, batch: dict[str, Tensor]) -> tuple[State, State]:
@@ -157,14 +159,18 @@ class PreRankModel(nn.Module):
                 p.requires_grad_(flag)
 
     def coarse_score(self, user_state: State, item_state: State) -> Tensor:
-        """Two-level models only: the cheap first stage's logits [B, N], pointwise along N."""
+        """Two-level models only: user state {key: [B, ...]} and item state {key: [B, N, ...]} -> the
+        cheap first stage's logits [B, N], pointwise along N."""
         raise NotImplementedError(f"{self.name} is not a two-level model")
 
     # -- built from the contract ----------------------------------------------------------------
     def user_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The user-side features of a batch, {name: [B] or [B, S]}: what `encode_user` reads."""
         return {f.name: batch[f.name] for f in self.schema.user_features}
 
     def item_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The item-side features of a batch, {name: [B, ...]} (rows) or {name: [B, N, ...]} (request
+        lists): what `encode_items` / `encode_item_lists` read."""
         return {f.name: batch[f.name] for f in self.schema.item_features}
 
     def encode_item_lists(self, items: dict[str, Tensor]) -> State:
@@ -189,7 +195,8 @@ class PreRankModel(nn.Module):
 
     @torch.no_grad()
     def encode_catalogue(self, items: dict[str, Tensor], batch_size: int = 8192) -> State:
-        """The item-state table: `encode_items` over a whole catalogue (leading dim M), in chunks."""
+        """The item-state table: item features {name: [M, ...]} of a whole catalogue -> item state
+        {key: [M, ...]}, `encode_items` run in chunks of `batch_size` rows (no gradients)."""
         n = len(items[self.schema.item_id])
         chunks = [self.encode_items({k: v[i : i + batch_size] for k, v in items.items()}) for i in range(0, n, batch_size)]
         return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
@@ -200,11 +207,13 @@ class PreRankModel(nn.Module):
         return torch.sigmoid(self.forward(batch).logits.reshape(-1))
 
     def num_parameters(self) -> int:
+        """The number of parameter elements (trainable or frozen)."""
         return sum(p.numel() for p in self.parameters())
 
 
 def gather_items(table: State, rows: Tensor) -> State:
-    """Item states of catalogue rows `rows` ([B, N] or [B]) from an item-state table (leading dim M)."""
+    """Item states of catalogue rows `rows` ([B, N] or [B]) from an item-state table {key: [M, ...]}
+    -> {key: [B, N, ...]} (or [B, ...])."""
     rows = rows.long()
     return {k: v.index_select(0, rows.reshape(-1)).reshape(*rows.shape, *v.shape[1:]) for k, v in table.items()}
 
@@ -214,6 +223,8 @@ REGISTRY = ModelRegistry(PreRankModel)
 
 
 def register(cls: type[PreRankModel]) -> type[PreRankModel]:
+    """Class decorator of the built-in models: adds `cls` to `REGISTRY` under its `name` (a model
+    that defines `forward`, or a name already taken, fails here)."""
     return REGISTRY.add(cls)
 
 
@@ -243,6 +254,8 @@ def model_schema(schema: Schema, config: Any) -> Schema:
 
 
 def make_config(name: str, overrides: dict | None = None):
+    """Model `name`'s validated config from `overrides` (None: the defaults); a bad key or value
+    raises `ConfigError` naming the model and the field."""
     cls = get_model_class(name)
     try:
         return cls.Config(**(overrides or {}))
@@ -251,6 +264,8 @@ def make_config(name: str, overrides: dict | None = None):
 
 
 def get_model_class(name: str) -> type[PreRankModel]:
+    """The model class registered as `name`, built-in or plugin; a ValueError that says why where
+    there is none."""
     import prerank.models  # noqa: F401  (registers the models)
 
     return REGISTRY.lookup(name)
@@ -267,4 +282,5 @@ def create_model(name: str, schema: Schema, overrides: dict | None = None) -> Pr
 
 
 def config_to_dict(config) -> dict:
+    """A model config as a plain dict (nested dataclasses too), as checkpoints and artifacts store it."""
     return dataclasses.asdict(config)

@@ -75,7 +75,8 @@ def feature_groups(schema: Schema, cross: str = "product") -> list[str]:
 
 
 def linear_log(x: Tensor) -> Tensor:
-    """Eq. 3: identity on [-1, 1], sign(x) (log|x| + 1) outside; C1-continuous."""
+    """Eq. 3: identity on [-1, 1], sign(x) (log|x| + 1) outside; C1-continuous. Elementwise: x of any
+    shape (in `score`, [B, N, G·d]) -> the same shape."""
     return torch.where(x.abs() <= 1, x, torch.sign(x) * (torch.log(x.abs().clamp_min(1.0)) + 1))
 
 
@@ -123,7 +124,8 @@ class _SideEmbedder(nn.Module):
 
 
 class SEBlock(nn.Module):
-    """Per-group weights s [..., M] from group embeddings E [..., M, d], and E re-weighted by them."""
+    """Per-group weights s [..., G] from group embeddings E [..., G, d], and E re-weighted by them
+    (G = the number of feature groups, the paper's M)."""
 
     def __init__(self, num_groups: int, dim: int, kind: str) -> None:
         super().__init__()
@@ -138,6 +140,8 @@ class SEBlock(nn.Module):
                                         nn.Linear(reduced, num_groups, bias=False), nn.ReLU())
 
     def weights(self, groups: Tensor) -> Tensor:
+        """Group embeddings E [..., G, d] -> weights s [..., G]: sigmoid gates ("concat", "squeeze"),
+        or the FiBiNET layer's non-negative ReLU outputs ("senet")."""
         if self.kind == "concat":
             return torch.sigmoid(self.excite(groups.flatten(-2)))
         if self.kind == "squeeze":
@@ -145,6 +149,8 @@ class SEBlock(nn.Module):
         return self.excite(groups.mean(-1))
 
     def forward(self, groups: Tensor) -> tuple[Tensor, Tensor]:
+        """E [..., G, d] -> (re-weighted groups [..., G, d]: s_i e_i, or e_i (1 + s_i) for "senet";
+        the weights s [..., G])."""
         s = self.weights(groups)
         scaled = groups * (1.0 + s if self.kind == "senet" else s).unsqueeze(-1)
         return scaled, s
@@ -197,11 +203,16 @@ class COLD(PreRankModel):
         )
 
     def encode_items(self, items: dict[str, Tensor]) -> State:
-        """Raw item feature embeddings only: COLD's item work is all in `score`."""
+        """Raw item feature embeddings only: COLD's item work is all in `score`. Item features
+        {name: [M] or [M, S]} -> {"fields": [M, F_v, d]} over the item features the kept groups read
+        (bags pooled, a dense value times a learned [d] vector) and, with `linear_part`,
+        {"linear": [M]}."""
         return self.item_side(items)
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
-        """Raw user feature embeddings only (shareable per request): the rest is in `score`."""
+        """Raw user feature embeddings only (shareable per request): the rest is in `score`. User
+        features {name: [B] or [B, S]} -> {"fields": [B, F_u, d]} and, with `linear_part`,
+        {"linear": [B]}."""
         return self.user_side(user)
 
     def _groups(self, user_state: State, item_state: State) -> Tensor:
@@ -213,10 +224,14 @@ class COLD(PreRankModel):
         return torch.cat([plain, cross], dim=-2)  # [B, N, M, d]
 
     def group_weights(self, user_state: State, item_state: State) -> Tensor:
-        """The SE block's weight of every feature group for every pair: [B, N, M] (order: `group_names`)."""
+        """The SE block's weight of every feature group for every pair: user state {"fields":
+        [B, F_u, d]} and item state {"fields": [B, N, F_v, d]} -> [B, N, G] (order: `group_names`)."""
         return self.se.weights(self._groups(user_state, item_state))
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
+        """User state {"fields": [B, F_u, d]} and item state {"fields": [B, N, F_v, d]} (with
+        `linear_part`, "linear" [B] and [B, N]) -> logits [B, N]: cross groups, SE block and FCN for
+        every (user, candidate) pair. Pointwise: `mask` is not needed."""
         weighted, _ = self.se(self._groups(user_state, item_state))
         x = weighted.flatten(-2)
         if self.config.linear_log:

@@ -41,8 +41,8 @@ Readings we chose where the paper is silent (config options):
   from the main loss through their tower too; only p is stopped in the mimic losses.
 
 Serving: a_v is folded into p_v offline, a_u into p_u once per request; `score` is one dot
-product per candidate. a_u and a_v appear in the states only in training mode (for the mimic
-losses): the item-state table holds p_v alone.
+product per candidate. The states hold p alone, in training as in serving: the mimic losses look
+a_u and a_v up again from the batch's ids.
 """
 
 from __future__ import annotations
@@ -119,18 +119,26 @@ class DAT(PreRankModel):
         return {"vector": F.normalize(tower(torch.cat([fields(features).flat(), a], dim=-1)), dim=-1)}
 
     def encode_items(self, items: dict[str, Tensor]) -> State:
-        """Item features [M] -> {"vector": p_v [M, D]} (L2-normalised, the augmented vector a_v among the tower's inputs)."""
+        """Item features {name: [M] or [M, S]} -> {"vector": p_v [M, D]} (D = hidden[-1], unit norm,
+        the augmented vector a_v among the tower's inputs)."""
         return self._encode(self.item_fields, self.item_augment, self.item_tower, items, self.schema.item_id)
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
-        """User features [B] -> {"vector": p_u [B, D]} (L2-normalised, a_u among the tower's inputs)."""
+        """User features {name: [B] or [B, S]} -> {"vector": p_u [B, D]} (unit norm, a_u among the
+        tower's inputs)."""
         return self._encode(self.user_fields, self.user_augment, self.user_tower, user, self.schema.user_id)
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
+        """User state {"vector": [B, D]} and item state {"vector": [B, N, D]} -> logits [B, N] =
+        <p_u, p_v> / tau (+ b). Pointwise: `mask` is not needed."""
         logits = torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"]) * self.similarity_scale()
         return logits + self.bias if self.bias is not None else logits
 
     def auxiliary_losses(self, batch, user_state, item_state, logits) -> dict[str, Tensor]:
+        """Pointwise batches only (N = 1): the batch's label, user and item ids [B] and category ids [B]
+        or [B, S], the states {"vector": [B, D]} and {"vector": [B, 1, D]} and logits [B, 1] -> the
+        weighted scalars [] "mimic_user", "mimic_item" (Eq. 2) and, unless `category_weight` is 0,
+        "category_alignment" (Eq. 3)."""
         if logits.shape[1] != 1:
             raise ValueError("dat: the mimic and category losses are defined for pointwise batches (one item per row)")
         c = self.config
@@ -153,7 +161,8 @@ class DAT(PreRankModel):
 
 
 def mimic_loss(augment: Tensor, target: Tensor, label: Tensor) -> Tensor:
-    """(1/T) sum_rows y * |a - sg(p)|^2 (Eq. 2): only positive rows pull `augment` towards `target`."""
+    """(1/T) sum_rows y * |a - sg(p)|^2 (Eq. 2): `augment` a [T, D], `target` p [T, D], `label` y [T]
+    -> []. Only positive rows pull `augment` towards `target`."""
     return (label * (augment - target.detach()).pow(2).sum(-1)).mean()
 
 
@@ -168,7 +177,8 @@ def category_membership(ids: Tensor, vocab_size: int, mode: str) -> Tensor:
 
 
 def category_alignment_loss(vectors: Tensor, membership: Tensor) -> Tensor:
-    """sum over categories i != major of |C(S_major) - C(S_i)|_F^2 (Eq. 3); C unbiased, |S_i| >= 2."""
+    """sum over categories i != major of |C(S_major) - C(S_i)|_F^2 (Eq. 3); C unbiased, |S_i| >= 2:
+    `vectors` p_v [B, D], `membership` [B, K] (`category_membership`) -> []."""
     counts = membership.sum(0)
     kept = counts >= 2
     if kept.sum() < 2:

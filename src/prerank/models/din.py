@@ -72,10 +72,15 @@ class DIN(PreRankModel):
         self.mlp = nn.Sequential(MLP(in_dim, tuple(c.hidden), activation=c.activation, dropout=c.dropout), nn.Linear(c.hidden[-1], 1))
 
     def encode_items(self, items: dict[str, Tensor]) -> State:
+        """Item features {name: [M] or [M, S]} -> {"fields": [M, F_v, d], "dense": [M, n_v], "query":
+        the item-id embedding [M, d]}: lookups only, the rest needs the user (`score`)."""
         fields = self.item_fields(items)
         return {"fields": fields.embeddings, "dense": fields.dense, "query": self.embeddings.lookup(self.item_id, items[self.item_id.name])}
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
+        """User features {name: [B] or [B, S]} -> {"fields": [B, F_u, d] (the sequence not among them),
+        "dense": [B, n_u]} and, with a behaviour sequence, {"sequence": [B, S, d], "sequence_mask":
+        [B, S] bool}: lookups only."""
         fields = self.user_fields(user)
         state = {"fields": fields.embeddings, "dense": fields.dense}
         if self.sequence is not None:
@@ -85,6 +90,9 @@ class DIN(PreRankModel):
         return state
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
+        """User state ([B, F_u, d], [B, n_u], [B, S, d], [B, S]) and item state ([B, N, F_v, d],
+        [B, N, n_v], [B, N, d]) -> logits [B, N]: target attention, crosses and the MLP for every
+        (user, candidate) pair. Pointwise: `mask` is not needed."""
         n = item_state["fields"].shape[1]
         user_fields = user_state["fields"].unsqueeze(1).expand(-1, n, -1, -1)  # [B, N, Fu, d]
         item_fields = item_state["fields"]  # [B, N, Fv, d]

@@ -139,7 +139,8 @@ class FITConfig(TowerConfig):
 
 
 def query_group(meta: Tensor) -> Tensor:
-    """Q* = (Q Qᵀ) Q: each hard query aggregates the meta rows by their (unnormalised) similarity."""
+    """Q* = (Q Qᵀ) Q: each hard query aggregates the meta rows by their (unnormalised) similarity.
+    `meta` Q [num_meta, D] -> Q* [num_meta, D]."""
     return (meta @ meta.T) @ meta
 
 
@@ -154,6 +155,7 @@ class LightweightSimilarityScorer(nn.Module):
         self.act = ACTIVATIONS[activation]()
 
     def forward(self, similarity: Tensor) -> Tensor:
+        """S [..., H_u, H_v] (in `score`, [B, N, H_u, H_v]) -> logits [...] ([B, N])."""
         rows = self.act(self.row(similarity))  # [..., H_u, m_r]
         columns = self.act(self.column(rows.transpose(-1, -2)))  # [..., m_r, m_c]
         return self.out(columns.flatten(-2)).squeeze(-1)
@@ -228,10 +230,12 @@ class FIT(PreRankModel):
         return c.tau_start * (c.tau_end / c.tau_start) ** progress
 
     def query_group(self) -> Tensor:
+        """The num_meta hard queries Q* [num_meta, D] of the current meta matrix (D = the selection
+        attributes' width)."""
         return query_group(self.meta)
 
     def selection_logits(self, item_embeddings: Tensor) -> Tensor:
-        """e_c Qᵀ [M, N] from the item's field embeddings [M, F, d]."""
+        """e_c Qᵀ [M, num_meta] from the item's field embeddings [M, F, d]."""
         attributes = item_embeddings[:, self.selection_slots].flatten(-2)
         return attributes @ self.meta.T
 
@@ -255,6 +259,9 @@ class FIT(PreRankModel):
 
     # -- the contract -----------------------------------------------------------------------------
     def encode_items(self, items: dict[str, Tensor]) -> State:
+        """Item features {name: [M] or [M, S]} -> {"heads": Z_v [M, H_v, p]} (under `scorer="dot"` the
+        whole tower vector, [M, 1, D]) and, with the MQM, {"selection_logits": e_c Qᵀ [M, num_meta]}:
+        the same keys in training and serving."""
         fields = self.towers.item_fields(items)
         state = {"heads": self._heads(self.towers.item_tower(fields.flat()), self.item_projection, self.item_heads)}
         if self.config.use_mqm:
@@ -262,6 +269,10 @@ class FIT(PreRankModel):
         return state
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
+        """User features {name: [B] or [B, S]} -> {"heads": Z_u [B, num_meta, H_u, p]}, one row per hard
+        query (without the MQM one row, [B, 1, H_u, p]; under `scorer="dot"` p = D, H_u = 1). In
+        training with `soft_selection="query"` the user side cannot finish before the item is known:
+        {"fields": [B, F_u·d + n_u], "behaviours": [B, S, d], "mask": [B, S] bool} instead."""
         fields = self.towers.user_fields(user).flat()
         if not self.config.use_mqm:
             return {"heads": self._heads(self.towers.user_tower(fields), self.user_projection, self.user_heads).unsqueeze(1)}

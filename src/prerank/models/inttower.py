@@ -93,9 +93,11 @@ class LightSE(nn.Module):
         self.excite = nn.Linear(num_fields, num_fields, bias=bias)
 
     def weights(self, embeddings: Tensor) -> Tensor:
+        """Field embeddings E [..., F, d] -> a = softmax(W mean_d(E) + b) [..., F], over the fields."""
         return torch.softmax(self.excite(embeddings.mean(-1)), dim=-1)
 
     def forward(self, embeddings: Tensor) -> Tensor:
+        """E [..., F, d] -> E' = E * (1 + a) [..., F, d]."""
         return embeddings * (1.0 + self.weights(embeddings)).unsqueeze(-1)
 
 
@@ -110,7 +112,8 @@ class LayeredTower(nn.Module):
         )
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """[x, h^1, ..., h^L]: the input followed by every layer's output."""
+        """x [..., in_dim] -> [x, h^1, ..., h^L]: the input followed by every layer's output, h^l
+        [..., hidden[l-1]]."""
         out = [x]
         for layer in self.layers:
             out.append(layer(out[-1]))
@@ -164,6 +167,9 @@ class IntTower(PreRankModel):
         return x.reshape(*x.shape[:-1], self.config.heads, self.config.head_dim)
 
     def encode_items(self, items: dict[str, Tensor]) -> State:
+        """Item features {name: [M] or [M, S]} -> {"heads": M_v [M, H, d_h]}; in training with
+        `cir_weight` > 0 also {"cir": [M, D]}, the normalised top item output (D = hidden[-1]; under
+        `fe_block="input"` the head projection, D = H·d_h), never in the item-state table."""
         top = self.item(items)[-1]
         projected = self.item_heads(top)
         state = {"heads": self._split_heads(projected)}
@@ -172,6 +178,9 @@ class IntTower(PreRankModel):
         return state
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
+        """User features {name: [B] or [B, S]} -> {"heads": [B, L, H, d_h]}, one set of heads per user
+        layer read (L = the tower's layers with `multi_layer`, else 1); in training with
+        `cir_weight` > 0 also {"cir": [B, D]} (as in `encode_items`)."""
         layers = self.user(user)
         heads = []
         for source, project in zip(self.user_sources, self.user_heads):
@@ -183,12 +192,16 @@ class IntTower(PreRankModel):
         return state
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
+        """User heads {"heads": [B, L, H, d_h]} and item heads {"heads": [B, N, H, d_h]} -> logits
+        [B, N] = sum_l sum_i max_j <M_u^l[i], M_v[j]> (+ b). Pointwise: `mask` is not needed."""
         # sim[b, n, l, i, j] = <M_u^l[i], M_v[j]>; max over item heads j, sum over user heads i and layers l.
         sim = torch.einsum("blid,bnjd->bnlij", user_state["heads"], item_state["heads"])
         logits = sim.amax(-1).sum((-1, -2))
         return logits + self.bias if self.bias is not None else logits
 
     def auxiliary_losses(self, batch, user_state, item_state, logits) -> dict[str, Tensor]:
+        """With `cir_weight` > 0, on pointwise batches (N = 1): the states' "cir" [B, D] and [B, 1, D],
+        the label [B] and logits [B, 1] -> {"cir": cir_weight * L_cir []}; otherwise no losses."""
         if self.config.cir_weight <= 0:
             return {}
         if logits.shape[1] != 1:
@@ -198,7 +211,8 @@ class IntTower(PreRankModel):
 
 
 def cir_loss(user: Tensor, item: Tensor, label: Tensor, temperature: float) -> Tensor:
-    """In-batch InfoNCE of each positive row's user against all the batch's items (module docstring)."""
+    """In-batch InfoNCE of each positive row's user against all the batch's items (module docstring):
+    `user`, `item` [B, D] (unit norm), `label` [B] -> []; 0 for a batch without positives."""
     positive = label > 0.5
     if not positive.any():
         return user.sum() * 0.0

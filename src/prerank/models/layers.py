@@ -35,11 +35,13 @@ class EmbeddingBank(nn.Module):
                 self.tables[f.vocab] = table
 
     def lookup(self, feature: Feature, ids: Tensor) -> Tensor:
+        """Ids [...] (any leading shape, e.g. [B], [M, S]) -> embeddings [..., d] from `feature`'s
+        table (d = its `embed_dim`); the padding id embeds to zeros."""
         return self.tables[feature.vocab](ids)
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean over dim -2 of `values` [..., L, d] where `mask` [..., L] is true; zero for empty rows."""
+    """Mean over dim -2 of `values` [..., S, d] where `mask` [..., S] is true -> [..., d]; zero for empty rows."""
     weights = mask.unsqueeze(-1).to(values.dtype)
     return (values * weights).sum(-2) / weights.sum(-2).clamp_min(1.0)
 
@@ -52,6 +54,7 @@ class Fields:
     dense: Tensor
 
     def flat(self) -> Tensor:
+        """The tower input [..., F·d + n_dense]: the field embeddings flattened, the dense values appended."""
         return torch.cat([self.embeddings.flatten(-2), self.dense], dim=-1)
 
     @property
@@ -87,10 +90,14 @@ class FieldEncoder(nn.Module):
         return self.num_fields * self.embed_dim + self.num_dense
 
     def embed(self, feature: Feature, ids: Tensor) -> Tensor:
+        """One id feature's field: ids [...] -> [..., d]; a bag or sequence [..., S] -> [..., d], the
+        mean of its non-padding embeddings."""
         emb = self.bank.lookup(feature, ids)
         return masked_mean(emb, ids != PAD_INDEX) if feature.is_bag else emb
 
     def forward(self, batch: dict[str, Tensor]) -> Fields:
+        """Features {name: [...] or [..., S]} with leading dims [...] (e.g. [B], [M]) -> `Fields`:
+        embeddings [..., F, d] (F = the side's id features, in schema order) and dense [..., n_dense]."""
         embeddings = torch.stack([self.embed(f, batch[f.name]) for f in self.id_features], dim=-2)
         if self.dense_features:
             dense = torch.stack([batch[f.name].float() for f in self.dense_features], dim=-1)
@@ -136,6 +143,7 @@ class MLP(nn.Module):
         self.out_dim = dim
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [..., in_dim] -> [..., out_dim] (out_dim = hidden[-1], or in_dim with no layers)."""
         return self.net(x)
 
 
@@ -153,7 +161,7 @@ class TargetAttention(nn.Module):
         a_j = MLP([q; x_j; q - x_j; q * x_j]),   out = sum_j mask_j * w_j * x_j
 
     with w_j = a_j (DIN's original: no normalisation) or a masked softmax of a_j (`softmax=True`).
-    `query` [..., d] is broadcast against `keys` [..., L, d]; extra leading dims on the query
+    `query` [..., d] is broadcast against `keys` [..., S, d]; extra leading dims on the query
     (e.g. one query per candidate, per meta query or per codeword) are allowed when `keys` is
     given with matching leading dims or is broadcastable.
     """
@@ -164,6 +172,8 @@ class TargetAttention(nn.Module):
         self.softmax = softmax
 
     def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """`query` [..., d] (or already expanded, [..., S, d]), `keys` [..., S, d], `mask` [..., S] bool
+        (True = a real behaviour) -> the pooled interest [..., d]; zero for an empty sequence."""
         q = query.unsqueeze(-2).expand_as(keys) if query.dim() == keys.dim() - 1 else query
         weights = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
         if self.softmax:
@@ -250,4 +260,5 @@ class LearnableTemperature(nn.Module):
         self.log_inv_temperature = nn.Parameter(torch.tensor(-math.log(initial)), requires_grad=learnable)
 
     def forward(self) -> Tensor:
+        """The scale 1/tau, a scalar [] capped at `MAX_SCALE` (no gradient at the cap, none if not learnable)."""
         return self.log_inv_temperature.clamp(max=math.log(self.MAX_SCALE)).exp()

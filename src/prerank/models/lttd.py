@@ -142,6 +142,8 @@ class FieldPoolingEncoder(nn.Module):
         self.cosine = c.similarity == "cosine"
 
     def forward(self, batch: dict[str, Tensor]) -> State:
+        """One side's features {name: [...] or [..., S]} (leading dims [B] or [M]) -> {"vector": e
+        [..., d] (unit norm under cosine), "residual": r [..., d_r] ([..., 0] with `residual_dim` 0)}."""
         f = self.fields(batch)
         hidden = torch.einsum("...fe,feh->...fh", f.embeddings, self.field_weight) + self.field_bias
         if self.dense is not None:
@@ -161,8 +163,9 @@ class FieldPoolingEncoder(nn.Module):
 
 def sampled_softmax_loss(user: Tensor, items: Tensor, positive: Tensor, mask: Tensor, scale: Tensor, bias: Tensor,
                          in_batch: bool) -> Tensor:
-    """L_ret. `user` [B, d], `items` [B, N, d], `positive`/`mask` [B, N] bool. Each positive against
-    its own list's non-positives and (in_batch) all valid items of the other requests."""
+    """L_ret. `user` [B, d], `items` [B, N, d], `positive`/`mask` [B, N] bool, `scale` and `bias` []
+    -> []. Each positive against its own list's non-positives and (in_batch) all valid items of the
+    other requests; requests without a positive or a negative are left out."""
     b = user.shape[0]
     own = torch.einsum("bd,bnd->bn", user, items) * scale + bias
     negative = mask & ~positive
@@ -181,8 +184,8 @@ def sampled_softmax_loss(user: Tensor, items: Tensor, positive: Tensor, mask: Te
 
 
 def list_kl(target_logits: Tensor, student_logits: Tensor, mask: Tensor, temperature: float) -> Tensor:
-    """T^2 KL(sg(softmax(target / T)) || softmax(student / T)) over each list's valid items [B, N],
-    mean over requests with >= 2 valid items."""
+    """T^2 KL(sg(softmax(target / T)) || softmax(student / T)) over each list's valid items: logits
+    and `mask` [B, N] -> [], the mean over requests with >= 2 valid items."""
     t = temperature
     return t * t * distillation_loss(student_logits / t, target_logits.detach(), mask, t)
 
@@ -244,12 +247,14 @@ class LTTD(PreRankModel):
         return self.similarity_scale()
 
     def coarse_score(self, user_state: State, item_state: State) -> Tensor:
-        """The TTE stage alone: t(q, i) = s(q, i) / tau + b, [B, N], pointwise along N."""
+        """The TTE stage alone: e_q [B, d] and e_i [B, N, d] -> t(q, i) = s(q, i) / tau + b [B, N],
+        pointwise along N."""
         return self.similarity(user_state, item_state) * self._scale() + self.bias
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
-        """The LT's scores o [B, N] over each request's list (the TTE's t in phase "two_tower");
-        `mask` [B, N] keeps padding out of the attention."""
+        """User state {"vector": [B, d], "residual": [B, d_r]} and item state {"vector": [B, N, d],
+        "residual": [B, N, d_r]} -> the LT's scores o [B, N] over each request's list (the TTE's t in
+        phase "two_tower"); `mask` [B, N] keeps padding out of the attention."""
         if self.phase == "two_tower":
             return self.coarse_score(user_state, item_state)
         items, residual = item_state["vector"], item_state["residual"]
@@ -277,6 +282,12 @@ class LTTD(PreRankModel):
         return relevance, torch.ones(shape, dtype=torch.bool, device=label.device)
 
     def auxiliary_losses(self, batch: dict[str, Tensor], user_state: State, item_state: State, logits: Tensor) -> dict[str, Tensor]:
+        """The model's own objective, weighted scalars [] (module docstring): "lttd_retrieval" (L_ret
+        on the TTE), "lttd_rank" (ListNet on the LT's `logits` [B, N]), "lttd_kd_down" and
+        "lttd_kd_up" (the switched-off terms absent); in phase "two_tower" L_ret alone, in phase
+        "transformer" L_rank and L_up. The batch holds a cascade list's "relevance" and "mask"
+        [B, N], or pointwise rows' label [B] (N = 1); the states are {"vector", "residual"}: [B, d],
+        [B, d_r] and [B, N, d], [B, N, d_r]."""
         c = self.config
         relevance, mask = self._list_targets(batch, logits.shape)
         stage = self.phase

@@ -74,13 +74,16 @@ class GatedHeads(nn.Module):
         self.norm = nn.LayerNorm(c.head_dim)
 
     def heads(self, x: Tensor) -> Tensor:
+        """The side's flat fields x [..., in_dim] -> gated heads Z [..., H, d_h] (H = `heads`, d_h = `head_dim`)."""
         h = self.mlp(x)
         if self.gate is not None:
             h = h * self.c.gate_scale * torch.sigmoid(self.gate(x))
         return h.reshape(*x.shape[:-1], self.c.heads, self.c.head_dim)
 
     def state(self, x: Tensor, other: GatedHeads) -> State:
-        """One side's hoisted state; `other` is the opposite tower (its cross gate reads our values)."""
+        """One side's hoisted state; `other` is the opposite tower (its cross gate reads our values).
+        x [..., in_dim] -> {"heads" Z, "query", "key", "value", "gate_self", "value_gate"}, each
+        [..., H, d_h]."""
         z = self.heads(x)
         value = self.value(z)
         return {"heads": z, "query": self.query(z), "key": self.key(z), "value": value,
@@ -104,9 +107,11 @@ class RankTower(PreRankModel):
         self.bias = nn.Parameter(torch.zeros(()), requires_grad=config.learn_bias)
 
     def encode_items(self, items: dict[str, Tensor]) -> State:
+        """Item features {name: [M] or [M, S]} -> the item tower's `GatedHeads.state`, six keys each [M, H, d_h]."""
         return self.item_tower.state(self.item_fields(items).flat(), self.user_tower)
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
+        """User features {name: [B] or [B, S]} -> the user tower's `GatedHeads.state`, six keys each [B, H, d_h]."""
         return self.user_tower.state(self.user_fields(user).flat(), self.item_tower)
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, value_gate: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,6 +124,9 @@ class RankTower(PreRankModel):
         return mix(value), mix(value_gate)
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
+        """User state {key: [B, H, d_h]} and item state {key: [B, N, H, d_h]} -> logits [B, N]: the
+        gated cross-attention both ways and the sum-max cosine per (user, candidate) pair, / tau + b.
+        Pointwise along N (the attention runs over one pair's heads): `mask` is not needed."""
         n = item_state["heads"].shape[1]
         user = {k: v.unsqueeze(1).expand(-1, n, *v.shape[1:]) for k, v in user_state.items()}
         user_context, user_gate_cross = self._attend(user["query"], item_state["key"], item_state["value"], item_state["value_gate"])

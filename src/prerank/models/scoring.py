@@ -21,16 +21,20 @@ Scorer = Callable[[PreRankModel, State, State, "Tensor | None"], Tensor]
 
 
 def serving_score(model: PreRankModel, user_state: State, item_state: State, mask: Tensor | None) -> Tensor:
+    """The default `Scorer`, the served one: `model.score` (user state [b, ...], item state
+    [b, N, ...], mask [b, N] or None -> logits [b, N])."""
     return model.score(user_state, item_state, mask)
 
 
 def model_device(model: PreRankModel) -> torch.device:
+    """The device of the model's parameters (the CPU for a model without any)."""
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def item_table(model: PreRankModel, catalogue: dict[str, Tensor], batch_size: int = 8192) -> State:
-    """The item-state table [M, ...] of a catalogue's features, on the model's device."""
+    """The item-state table {key: [M, ...]} of a catalogue's features {name: [M, ...]} (extra keys are
+    ignored), on the model's device."""
     device = model_device(model)
     return model.encode_catalogue({f.name: catalogue[f.name].to(device) for f in model.schema.item_features}, batch_size)
 

@@ -148,7 +148,8 @@ def residual_quantize(vectors: Tensor, codebooks: Tensor) -> tuple[Tensor, Tenso
 
 
 def residual_kmeans(vectors: Tensor, levels: int, k: int, iterations: int, generator: torch.Generator) -> Tensor:
-    """Codebooks [L, K, d] from k-means on the residuals of each level in turn."""
+    """Codebooks [L, K, d] from k-means on the residuals of each level in turn: `vectors` [M, d],
+    `levels` L, `k` K."""
     residual = vectors
     books = []
     for _ in range(levels):
@@ -182,7 +183,8 @@ def ema_codebook_step(ema_sum: Tensor, ema_count: Tensor, codes: Tensor, residua
 
 
 def codebook_usage(codes: Tensor, codebook_size: int) -> dict[str, list[float]]:
-    """Per level: utilisation (distinct codes used / K) and the entropy (nats) of the code frequencies."""
+    """Per level: utilisation (distinct codes used / K) and the entropy (nats) of the code frequencies.
+    `codes` [M, L] -> {"utilisation": L floats, "entropy": L floats}."""
     utilisation, entropy = [], []
     for level in codes.T:
         counts = torch.bincount(level.long(), minlength=codebook_size).double()
@@ -193,7 +195,8 @@ def codebook_usage(codes: Tensor, codebook_size: int) -> dict[str, list[float]]:
 
 
 def symmetric_kl(p: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
-    """KL(p‖q) + KL(q‖p) over the last dim, with the official code's epsilon."""
+    """KL(p‖q) + KL(q‖p) over the last dim, with the official code's epsilon: distributions p, q
+    [..., K] -> [...] (in the alignment, [M, K] -> [M])."""
     return (p * ((p + eps) / (q + eps)).log()).sum(-1) + (q * ((q + eps) / (p + eps)).log()).sum(-1)
 
 
@@ -220,7 +223,8 @@ class DotProductTargetAttention(nn.Module):
         return q.reshape(*q.shape[:-1], self.heads, -1) / math.sqrt(q.shape[-1] // self.heads)
 
     def memory(self, behaviours: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """behaviours [B, n, d], mask [B, n] (True = real item) -> keys, values [B, n+1, H, d/H], mask [B, n+1]."""
+        """behaviours [B, S, d], mask [B, S] (True = real item) -> keys, values [B, S+1, H, d/H], mask
+        [B, S+1] (the null behaviour first)."""
         seq = torch.cat([self.null.expand(len(behaviours), 1, -1), behaviours], dim=1)
         mask = torch.cat([mask.new_ones(len(mask), 1), mask], dim=1)
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)  # noqa: E731
@@ -237,7 +241,7 @@ class DotProductTargetAttention(nn.Module):
         return self.out(out.transpose(1, 2).flatten(-2))
 
     def forward(self, queries: Tensor, behaviours: Tensor, mask: Tensor) -> Tensor:
-        """Raw queries [B, Q, d] over behaviours [B, n, d] -> [B, Q, d]."""
+        """Raw queries [B, Q, d] over behaviours [B, S, d], mask [B, S] -> [B, Q, d]."""
         return self.attend(self.queries(queries), self.memory(behaviours, mask))
 
 
@@ -343,7 +347,9 @@ class Tarq(PreRankModel):
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
         """Logits [B, N]: the two-tower term plus <ĥ, W_h v_item>, ĥ gathered from the user's
-        personalised codebook [B, L, K, d] by the candidates' codes [B, N, L]."""
+        personalised codebook [B, L, K, d] by the candidates' codes [B, N, L]. User state {"vector":
+        [B, D], "personal_codebook"}, item state {"vector": [B, N, D], "codes", "head_key": [B, N, d]};
+        pointwise: `mask` is not needed."""
         h_hat = self.approximate_attention(user_state["personal_codebook"], item_state["codes"])
         return self._compose(user_state["vector"], item_state, h_hat)
 
@@ -367,7 +373,8 @@ class Tarq(PreRankModel):
         return h_ta, self._compose(user_vector, item_state, h_ta)
 
     def teacher(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The target-attention teacher: (attention output h_TA [B, N, d], logit [B, N])."""
+        """The target-attention teacher on a batch with item features [B] (N = 1) or [B, N]:
+        (attention output h_TA [B, N, d], logit [B, N])."""
         user = self.user_inputs(batch)
         behaviours, mask = self._behaviours(user)
         flat, n = self._flat_items(batch)
@@ -377,6 +384,8 @@ class Tarq(PreRankModel):
 
     @torch.no_grad()
     def initialise_codebooks(self, items: dict[str, Tensor]) -> None:
+        """Codebooks [L, K, d] by residual k-means on the item vectors v [M, d] of item features
+        {name: [M] or [M, S]} (the first training batch's, under `codebook_init="kmeans"`)."""
         vectors = self.item_encoder(self.towers.item_fields(items).flat())
         generator = torch.Generator().manual_seed(0)
         c = self.config
@@ -398,7 +407,11 @@ class Tarq(PreRankModel):
         serving logits at a fraction of the cost. Codewords no candidate reads stay zero; a codeword
         read by several candidates of one request is computed once per reader and averaged (equal
         values, so the mean is the value and each reader's gradient counts once). Outside training,
-        the serving stages."""
+        the serving stages.
+
+        Either way: user state {"vector": [B, D], "personal_codebook": [B, L, K, d]} and item state
+        {"vector": [B, N, D], "codes": [B, N, L], "head_key": [B, N, d]} from a batch with item
+        features [B] (N = 1) or [B, N]."""
         if not self.training:
             return super().batch_states(batch)
         flat, n = self._flat_items(batch)
@@ -428,7 +441,8 @@ class Tarq(PreRankModel):
         """The teacher's BCE, the distillation of ĥ onto sg(h_TA), the commitment (and, with
         `codebook_update="loss"`, codebook) term and the codebook alignment, each weighted (module
         docstring); records this step's codebook usage and update. Uses the intermediates of this
-        step's `batch_states`."""
+        step's `batch_states` (its states, as there) and `logits` [B, N] -> {"teacher_bce", "distill",
+        "commitment", "codebook", "align"}: scalars [] (the switched-off terms absent)."""
         step, self._step = self._step, None
         if step is None:
             raise RuntimeError("Tarq.auxiliary_losses runs after batch_states in the same training forward")

@@ -58,11 +58,16 @@ class TwoTower(PreRankModel):
         return F.normalize(vec, dim=-1) if self.config.similarity == "cosine" else vec
 
     def encode_items(self, items: dict[str, Tensor]) -> State:
+        """Item features {name: [M] or [M, S]} -> {"vector": h_v [M, D]} (D = hidden[-1]),
+        L2-normalised under cosine so that `score` is one dot product."""
         return {"vector": self._vector(self.towers.item_tower, self.towers.item_fields(items).flat())}
 
     def encode_user(self, user: dict[str, Tensor]) -> State:
+        """User features {name: [B] or [B, S]} -> {"vector": h_u [B, D]}, L2-normalised under cosine."""
         return {"vector": self._vector(self.towers.user_tower, self.towers.user_fields(user).flat())}
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
+        """User state {"vector": [B, D]} and item state {"vector": [B, N, D]} -> logits [B, N] =
+        sim / tau + b. Pointwise: `mask` is not needed."""
         similarity = torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"])
         return similarity * self.similarity_scale() + self.bias
