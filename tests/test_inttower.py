@@ -69,6 +69,8 @@ def test_variants_keep_parity_and_train_every_parameter(overrides, small_data, s
     loss = torch.nn.functional.binary_cross_entropy_with_logits(output.logits.reshape(-1), batch[LABEL])
     (loss + sum(output.aux_losses.values(), torch.zeros(()))).backward()
     assert ("cir" in output.aux_losses) == (overrides.get("cir_weight", 0) > 0)
+    with torch.no_grad():  # the training states are the serving ones: CIR's vectors stay out of them
+        assert set(model.encode_items(model.item_inputs(batch))) == set(model.encode_user(model.user_inputs(batch))) == {"heads"}
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
     model.eval()

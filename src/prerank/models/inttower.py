@@ -156,6 +156,8 @@ class IntTower(PreRankModel):
         self.user_heads = nn.ModuleList(nn.Linear(dims[s], width) for s in self.user_sources)
         self.item_heads = nn.Linear(c.hidden[-1], width)
         self.bias = nn.Parameter(torch.zeros(())) if c.output_bias else None
+        # A CIR training step's vectors, from `batch_states` to `auxiliary_losses`.
+        self._cir: tuple[Tensor, Tensor] | None = None
         if c.init_std is not None:
             for module in (self.user.tower, self.item.tower, self.user_heads, self.item_heads):
                 for layer in module.modules():
@@ -166,30 +168,45 @@ class IntTower(PreRankModel):
     def _split_heads(self, x: Tensor) -> Tensor:
         return x.reshape(*x.shape[:-1], self.config.heads, self.config.head_dim)
 
-    def encode_items(self, items: dict[str, Tensor]) -> State:
-        """Item features {name: [M] or [M, S]} -> {"heads": M_v [M, H, d_h]}; in training with
-        `cir_weight` > 0 also {"cir": [M, D]}, the normalised top item output (D = hidden[-1]; under
-        `fe_block="input"` the head projection, D = H·d_h), never in the item-state table."""
+    def _encode_items(self, items: dict[str, Tensor]) -> tuple[State, Tensor]:
+        """(item state, CIR vector [M, D]): the normalised top item output (D = hidden[-1]; under
+        `fe_block="input"` the head projection, D = H·d_h)."""
         top = self.item(items)[-1]
         projected = self.item_heads(top)
-        state = {"heads": self._split_heads(projected)}
-        if self.training and self.config.cir_weight > 0:  # training only: never in the item-state table
-            state["cir"] = F.normalize(top if self.config.fe_block == "output" else projected, dim=-1)
-        return state
+        return {"heads": self._split_heads(projected)}, F.normalize(top if self.config.fe_block == "output" else projected, dim=-1)
 
-    def encode_user(self, user: dict[str, Tensor]) -> State:
-        """User features {name: [B] or [B, S]} -> {"heads": [B, L, H, d_h]}, one set of heads per user
-        layer read (L = the tower's layers with `multi_layer`, else 1); in training with
-        `cir_weight` > 0 also {"cir": [B, D]} (as in `encode_items`)."""
+    def _encode_user(self, user: dict[str, Tensor]) -> tuple[State, Tensor]:
+        """(user state, CIR vector [B, D]), as `_encode_items`."""
         layers = self.user(user)
         heads = []
         for source, project in zip(self.user_sources, self.user_heads):
             h = project(layers[source])
             heads.append(torch.relu(h) if self.config.fe_block == "output" else h)
         state = {"heads": torch.stack([self._split_heads(h) for h in heads], dim=-3)}  # [B, L, H, d_h]
-        if self.training and self.config.cir_weight > 0:
-            state["cir"] = F.normalize(layers[-1] if self.config.fe_block == "output" else heads[-1], dim=-1)
-        return state
+        return state, F.normalize(layers[-1] if self.config.fe_block == "output" else heads[-1], dim=-1)
+
+    def encode_items(self, items: dict[str, Tensor]) -> State:
+        """Item features {name: [M] or [M, S]} -> {"heads": M_v [M, H, d_h]}."""
+        return self._encode_items(items)[0]
+
+    def encode_user(self, user: dict[str, Tensor]) -> State:
+        """User features {name: [B] or [B, S]} -> {"heads": [B, L, H, d_h]}, one set of heads per user
+        layer read (L = the tower's layers with `multi_layer`, else 1)."""
+        return self._encode_user(user)[0]
+
+    def batch_states(self, batch: dict[str, Tensor]) -> tuple[State, State]:
+        """The serving states ({"heads": [B, L, H, d_h]}, {"heads": [B, N, H, d_h]}); in training with
+        `cir_weight` > 0 (pointwise batches only, N = 1) computed together with the CIR vectors, which
+        `auxiliary_losses` takes and which never enter a state."""
+        if not (self.training and self.config.cir_weight > 0):
+            return super().batch_states(batch)
+        items = self.item_inputs(batch)
+        if items[self.schema.item_id].dim() != 1:
+            raise ValueError("inttower: CIR is defined for pointwise batches (one item per row)")
+        user_state, user_cir = self._encode_user(self.user_inputs(batch))
+        item_state, item_cir = self._encode_items(items)
+        self._cir = (user_cir, item_cir)
+        return user_state, {k: v.unsqueeze(1) for k, v in item_state.items()}
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
         """User heads {"heads": [B, L, H, d_h]} and item heads {"heads": [B, N, H, d_h]} -> logits
@@ -200,13 +217,12 @@ class IntTower(PreRankModel):
         return logits + self.bias if self.bias is not None else logits
 
     def auxiliary_losses(self, batch, user_state, item_state, logits) -> dict[str, Tensor]:
-        """With `cir_weight` > 0, on pointwise batches (N = 1): the states' "cir" [B, D] and [B, 1, D],
-        the label [B] and logits [B, 1] -> {"cir": cir_weight * L_cir []}; otherwise no losses."""
+        """With `cir_weight` > 0: this step's CIR vectors [B, D] (from `batch_states`) and the label
+        [B] -> {"cir": cir_weight * L_cir []}; otherwise no losses."""
         if self.config.cir_weight <= 0:
             return {}
-        if logits.shape[1] != 1:
-            raise ValueError("inttower: CIR is defined for pointwise batches (one item per row)")
-        loss = cir_loss(user_state["cir"], item_state["cir"][:, 0], batch[self.schema.label], self.config.cir_temperature)
+        (user_cir, item_cir), self._cir = self._cir, None
+        loss = cir_loss(user_cir, item_cir, batch[self.schema.label], self.config.cir_temperature)
         return {"cir": self.config.cir_weight * loss}
 
 
