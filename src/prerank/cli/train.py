@@ -1,88 +1,19 @@
-"""The `prerank` command line."""
+"""Training and comparing: `prerank train`, `evaluate`, `models`, `benchmark`."""
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
 
+from prerank.cli.common import data_parallel, fail, parse_overrides, user_errors
 from prerank.data.datasets import DATASETS, default_cache_dir, load_dataset, load_recorded
-from prerank.data.pipeline import PROTOCOLS, ProtocolConfig
-from prerank.data.table import DataError
-from prerank.serve.commands import register as register_serving
-from prerank.data_cli import data_app
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-ranking models for cascade recommender systems.")
-app.add_typer(data_app, name="data")
+from prerank.data.pipeline import ProtocolConfig
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is when a record comes (test runners swap it per command)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-@app.callback()
-def _log_to_stderr() -> None:
-    """The package's info lines (e.g. "reusing cached preprocessing at ...") go to stderr."""
-    logger = logging.getLogger("prerank")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-
-ML1M_HINT = (
-    "prerank train --dataset ml-1m --data-dir ../shared/data/ml-1m "
-    "--ratings-file ratings-partial-users0001-2999/ratings.dat.gz --protocol temporal --model two_tower --out runs/tt"
-)
-
-
-def data_parallel(command):
-    """`prerank.train.distributed.data_parallel`, imported when the command runs: the CLI module
-    (which `prerank serve` loads) must not import the trainer's package."""
-
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        from prerank.train.distributed import data_parallel as wrap
-
-        return wrap(command)(*args, **kwargs)
-
-    return run
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`--set hidden=[256,128] --set similarity=dot` -> {"hidden": [256, 128], "similarity": "dot"}."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise typer.BadParameter(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-@app.command()
 @data_parallel  # under torchrun: joins the process group, trains with DDP, rank 0 writes
 def train(
     model: str = typer.Option("two_tower", help="registered model name (see `prerank models`)"),
@@ -114,7 +45,7 @@ def train(
     from prerank.train.run import run_training
     from prerank.train.trainer import TrainConfig
 
-    try:
+    with user_errors():
         protocol_config = ProtocolConfig(name=protocol, seq_len=seq_len, negatives=negatives)
         model_overrides = parse_overrides(set_)
         if embed_dim is not None:
@@ -133,7 +64,7 @@ def train(
             from prerank.cascade import load_cascade
             from prerank.train.losses import HybridLossConfig
 
-            loss_overrides = parse_overrides(hybrid)
+            loss_overrides = parse_overrides(hybrid, "--hybrid")
             unknown = sorted(set(loss_overrides) - set(HybridLossConfig.__dataclass_fields__))
             if unknown:
                 raise ValueError(f"--hybrid: unknown key(s) {unknown}; known: {sorted(HybridLossConfig.__dataclass_fields__)}")
@@ -142,8 +73,6 @@ def train(
         elif hybrid:
             raise ValueError("--hybrid sets the hybrid loss of --cascade training; give --cascade too")
         metrics = run_training(data, model, train_config, model_overrides, out, source, lists, loss)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
     from prerank.train.distributed import context as distributed_context
 
     if not distributed_context().is_main:
@@ -160,7 +89,6 @@ def train(
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'checkpoint.pt'}")
 
 
-@app.command()
 def evaluate(
     checkpoint: Path = typer.Option(..., help="a checkpoint.pt written by `prerank train`"),
     data_dir: Optional[Path] = typer.Option(None, help="override the data folder recorded in the checkpoint"),
@@ -168,21 +96,18 @@ def evaluate(
     cache_dir: Optional[Path] = typer.Option(None),
 ) -> None:
     """Re-score a saved model on the split it was trained with; prints the metrics as JSON."""
-    from prerank.train.checkpoint import load_checkpoint
+    from prerank.models.checkpoint import load_checkpoint
     from prerank.train.trainer import evaluate as evaluate_table
 
-    try:
+    with user_errors():
         model, payload = load_checkpoint(checkpoint)
         data = load_recorded(payload["extra"].get("data_source") or {}, data_dir, cache_dir)
         if split not in data.splits:
-            _fail(f"unknown split {split!r}; choose train, valid or test")
+            fail(f"unknown split {split!r}; choose train, valid or test")
         report = evaluate_table(model, data.splits[split])
-    except (DataError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
     typer.echo(json.dumps({"model": payload["model"], "split": split, "protocol": data.meta.get("protocol"), **report}, indent=2))
 
 
-@app.command()
 def models() -> None:
     """List the registered models, those of installed plugin packages included."""
     from prerank.models.base import REGISTRY
@@ -195,22 +120,9 @@ def models() -> None:
         typer.echo(f"{name:14s} {kind}: {(doc.strip().splitlines() or [''])[0]}")
     problems = REGISTRY.problems()
     if problems:
-        _fail("\n".join(problems[name] for name in sorted(problems)))
+        fail("\n".join(problems[name] for name in sorted(problems)))
 
 
-@app.command()
-def quickstart(
-    epochs: int = typer.Option(5),
-    out: Path = typer.Option(Path("runs/quickstart")),
-) -> None:
-    """Train Two-Tower on a small generated dataset and print the results (no files needed)."""
-    from prerank.quickstart import run_quickstart
-
-    run_quickstart(epochs=epochs, out=out)
-    typer.echo("\nNext, on MovieLens-1M:\n  " + ML1M_HINT)
-
-
-@app.command()
 def benchmark(
     dataset: str = typer.Option("ml-1m", help=f"one of {DATASETS}"),
     data_dir: Optional[Path] = typer.Option(None),
@@ -234,7 +146,7 @@ def benchmark(
 
     if quick:
         dataset, epochs, seeds = "synthetic", min(epochs, 2), 1 if seeds == 3 else seeds
-    try:
+    with user_errors():
         config = BenchmarkConfig(
             dataset=dataset, data_dir=str(data_dir) if data_dir else None, ratings_file=ratings_file, protocol=protocol,
             models=tuple(m.strip() for m in models.split(",") if m.strip()), seeds=seeds, epochs=epochs, patience=patience,
@@ -243,25 +155,4 @@ def benchmark(
             cascade=str(cascade) if cascade else None,
         )
         run_benchmark(config, out, progress=progress)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
     typer.echo(f"wrote {out / 'benchmark.md'} (+ quality.csv, cost.csv, results.json, PNG plots)")
-
-
-register_serving(app)  # export, serve, bench-serve, load-test
-
-from prerank.cold_select import cold_select  # noqa: E402
-
-app.command("cold-select")(cold_select)
-
-from prerank.cli_cascade import app as cascade_app  # noqa: E402
-
-app.add_typer(cascade_app, name="cascade")
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
