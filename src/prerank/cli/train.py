@@ -11,12 +11,48 @@ import typer
 
 from prerank.cli.common import data_parallel, fail, parse_overrides, user_errors
 from prerank.data.datasets import DATASETS, default_cache_dir, load_dataset, load_recorded
-from prerank.data.pipeline import ProtocolConfig
+
+
+# Each flag of `prerank train` and the run-config key it sets; a flag given overrides the --config file.
+FLAG_KEYS = {
+    "dataset": ("dataset", "name"), "data_dir": ("dataset", "data_dir"), "ratings_file": ("dataset", "ratings_file"),
+    "protocol": ("protocol", "name"), "seq_len": ("protocol", "seq_len"), "negatives": ("protocol", "negatives"),
+    "model": ("model", "name"), "embed_dim": ("model", "options", "embed_dim"),
+    "epochs": ("training", "epochs"), "batch_size": ("training", "batch_size"), "lr": ("training", "lr"),
+    "patience": ("training", "patience"), "seed": ("training", "seed"), "threads": ("training", "num_threads"),
+    "cascade": ("cascade",),
+}
+
+
+def given_on_command_line(ctx: typer.Context, name: str) -> bool:
+    # By the source's name: typer may bring its own copy of click, whose ParameterSource is another enum.
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def flag_layer(given: dict, options: dict, hybrid: dict) -> dict:
+    """The run-config keys the command line sets: the flags given, `--set` and `--hybrid` pairs."""
+    layer: dict = {}
+    for flag, value in given.items():
+        *sections, key = FLAG_KEYS[flag]
+        node = layer
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = str(value) if isinstance(value, Path) else value
+    if options:
+        if options.get("embed_dim", given.get("embed_dim")) != given.get("embed_dim", options.get("embed_dim")):
+            raise ValueError("--embed-dim and --set embed_dim=... disagree; give one")
+        layer.setdefault("model", {}).setdefault("options", {}).update(options)
+    if hybrid:
+        layer["hybrid"] = hybrid
+    return layer
 
 
 @data_parallel  # under torchrun: joins the process group, trains with DDP, rank 0 writes
 def train(
-    model: str = typer.Option("two_tower", help="registered model name (see `prerank models`)"),
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", help="a run YAML (README, 'Named experiments'); flags given here override it"),
+    model: str = typer.Option("two_tower", help="registered model (`prerank models`) or variant model@tag (a file under configs/)"),
     dataset: str = typer.Option("ml-1m", help=f"one of {DATASETS}"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (ML-1M: users.dat, movies.dat, ratings)"),
     ratings_file: Optional[str] = typer.Option(None, help="ratings file, relative to --data-dir or absolute"),
@@ -36,43 +72,41 @@ def train(
     cache_dir: Optional[Path] = typer.Option(None, help="preprocessing cache (default ~/.cache/prerank)"),
     cascade: Optional[Path] = typer.Option(None, help="cascade parquet (`prerank cascade build`): train on its request lists with the hybrid loss"),
     hybrid: list[str] = typer.Option([], "--hybrid", help="hybrid-loss override key=value, e.g. distill_weight=0 (with --cascade)"),
-    out: Path = typer.Option(Path("runs/latest"), help="output folder: metrics.json, checkpoint.pt, history.json"),
+    out: Path = typer.Option(Path("runs/latest"), help="output folder: metrics.json, checkpoint.pt, run.yaml"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the run config (YAML) this would train and exit"),
 ) -> None:
-    """Train one model and write OUT/metrics.json and OUT/checkpoint.pt.
+    """Train one model and write OUT/metrics.json, OUT/checkpoint.pt and OUT/run.yaml (which reruns it).
 
     With --cascade, --batch-size counts requests (lists), not rows."""
+    from prerank.run_config import merge, read_run_file, read_variant, validate
     from prerank.train.run import run_training
-    from prerank.train.trainer import TrainConfig
 
     with user_errors():
-        protocol_config = ProtocolConfig(name=protocol, seq_len=seq_len, negatives=negatives)
-        model_overrides = parse_overrides(set_)
-        if embed_dim is not None:
-            if model_overrides.get("embed_dim", embed_dim) != embed_dim:
-                raise ValueError("--embed-dim and --set embed_dim=... disagree; give one")
-            model_overrides["embed_dim"] = embed_dim
-        train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-                                   device=device, num_threads=threads, progress=progress)
-        source = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "ratings_file": ratings_file,
-                  "protocol": protocol_config.__dict__}
-        data = load_dataset(dataset, data_dir, protocol_config, ratings_file, cache_dir or default_cache_dir())
+        layers = [read_run_file(config)] if config is not None else []
+        flags = dict(dataset=dataset, data_dir=data_dir, ratings_file=ratings_file, protocol=protocol, seq_len=seq_len,
+                     negatives=negatives, model=model, embed_dim=embed_dim, epochs=epochs, batch_size=batch_size, lr=lr,
+                     patience=patience, seed=seed, threads=threads, cascade=cascade)
+        given = {flag: value for flag, value in flags.items() if given_on_command_line(ctx, flag)}
+        if "@" in given.get("model", ""):
+            layers.append(read_variant(given.pop("model")))
+        layers.append(flag_layer(given, parse_overrides(set_), parse_overrides(hybrid, "--hybrid")))
+        run = validate(merge(*layers), "command line")
+        if print_config:
+            typer.echo(run.to_yaml(), nl=False)
+            return
+        data = load_dataset(run.dataset.name, run.dataset.data_dir, run.protocol, run.dataset.ratings_file,
+                            cache_dir or default_cache_dir())
         if data.meta.get("leaks_labels"):
             typer.secho(f"note: {data.meta['note']}", fg=typer.colors.YELLOW, err=True)
-        lists, loss = None, None
-        if cascade is not None:
+        lists = None
+        if run.cascade is not None:
             from prerank.cascade import load_cascade
-            from prerank.train.losses import HybridLossConfig
 
-            loss_overrides = parse_overrides(hybrid, "--hybrid")
-            unknown = sorted(set(loss_overrides) - set(HybridLossConfig.__dataclass_fields__))
-            if unknown:
-                raise ValueError(f"--hybrid: unknown key(s) {unknown}; known: {sorted(HybridLossConfig.__dataclass_fields__)}")
-            # No --hybrid: the default hybrid loss, or a model's own list losses (lttd).
-            lists, loss = load_cascade(cascade), (HybridLossConfig(**loss_overrides) if loss_overrides else None)
-        elif hybrid:
-            raise ValueError("--hybrid sets the hybrid loss of --cascade training; give --cascade too")
-        metrics = run_training(data, model, train_config, model_overrides, out, source, lists, loss)
+            lists = load_cascade(Path(run.cascade))
+        # No hybrid options: the default hybrid loss, or a model's own list losses (lttd).
+        metrics = run_training(data, run.model, run.train_config(device, progress), run.model_options, out,
+                               run.data_source(), lists, run.hybrid)
     from prerank.train.distributed import context as distributed_context
 
     if not distributed_context().is_main:
@@ -86,7 +120,8 @@ def train(
         typer.echo(f"  test top-K over {report['candidates']}: " + "  ".join(f"{k} {v:.4f}" for k, v in report.items() if "@" in k))
     if "test_lists" in metrics:
         typer.echo("  test cascade lists: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics["test_lists"].items() if "@" in k and "teacher" not in k))
-    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'checkpoint.pt'}")
+    run.write(out / "run.yaml", f"The run in this folder, written by `prerank train`; rerun it with\n  prerank train --config {out / 'run.yaml'} --out DIR")
+    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'checkpoint.pt'} and {out / 'run.yaml'}")
 
 
 def evaluate(
@@ -109,8 +144,10 @@ def evaluate(
 
 
 def models() -> None:
-    """List the registered models, those of installed plugin packages included."""
+    """List the registered models, those of installed plugin packages included, and the variants
+    (model@tag files under configs/)."""
     from prerank.models.base import REGISTRY
+    from prerank.run_config import CONFIGS, variant_file, variant_names
 
     for name, cls in sorted(REGISTRY.items()):
         kind = "ranker" if cls.is_ranker else ("pre-ranker" if cls.decoupled else "pre-ranker, not decoupled")
@@ -118,6 +155,9 @@ def models() -> None:
             kind += f", plugin {REGISTRY.origin(name)}"
         doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
         typer.echo(f"{name:14s} {kind}: {(doc.strip().splitlines() or [''])[0]}")
+    typer.echo(f"\nvariants (--model NAME, files under {CONFIGS}):")
+    for name in variant_names():
+        typer.echo(f"{name:18s} {variant_file(name).relative_to(CONFIGS)}")
     problems = REGISTRY.problems()
     if problems:
         fail("\n".join(problems[name] for name in sorted(problems)))
