@@ -126,7 +126,7 @@ def merge(*layers: dict) -> dict:
                 earlier = merged.get("model", {})
                 same = value.get("name", earlier.get("name", DEFAULT_MODEL)) == earlier.get("name", DEFAULT_MODEL)
                 base = earlier if same else {}
-                merged["model"] = {**base, **value, "options": {**base.get("options", {}), **value.get("options", {})}}
+                merged["model"] = {**base, **value, "options": {**(base.get("options") or {}), **(value.get("options") or {})}}
             elif isinstance(value, dict) and isinstance(merged.get(section), dict):
                 merged[section] = {**merged[section], **value}
             else:

@@ -10,8 +10,6 @@ from typing import NoReturn
 import typer
 import yaml
 
-from prerank.data.table import DataError
-
 
 def fail(message: str) -> NoReturn:
     """Print `error: message` in red on stderr and exit with status 2 (a usage error, not a crash)."""
@@ -26,7 +24,7 @@ def user_errors(*also: type[Exception]) -> Iterator[None]:
         yield
     except typer.Exit:
         raise
-    except (DataError, ValueError, FileNotFoundError, *also) as err:
+    except (ValueError, FileNotFoundError, *also) as err:  # DataError, ConfigError, ArtifactError are ValueErrors
         fail(str(err))
 
 
