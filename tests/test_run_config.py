@@ -47,6 +47,8 @@ def test_flags_given_override_the_file_and_the_rest_comes_from_it(tmp_path):
     # Another model replaces the model section: the file's options were the other model's.
     defaults = json.loads(json.dumps(dataclasses.asdict(make_config("two_tower"))))
     assert resolved("--config", str(path), "--model", "two_tower")["model"] == {"name": "two_tower", "options": defaults}
+    (tmp_path / "empty_options.yaml").write_text("model: {name: dat, options: null}\n")
+    assert resolved("--config", str(tmp_path / "empty_options.yaml"), "--set", "hidden=[4]")["model"]["options"]["hidden"] == [4]
     # --embed-dim is a model option.
     assert resolved("--config", str(path), "--embed-dim", "16")["model"]["options"]["embed_dim"] == 16
 
