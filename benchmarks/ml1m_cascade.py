@@ -32,7 +32,7 @@ from prerank.cascade import CascadeConfig, build_cascade, load_cascade, save_cas
 from prerank.data.movielens import load_movielens
 from prerank.data.pipeline import ProtocolConfig
 from prerank.models.base import config_to_dict, create_model
-from prerank.train.checkpoint import load_checkpoint
+from prerank.models.checkpoint import load_checkpoint
 from prerank.train.listwise import ListwiseTrainer, list_report, score_lists
 from prerank.train.losses import HybridLossConfig
 from prerank.atomic import write_json_atomic

@@ -5,9 +5,10 @@
         --models two_tower,two_tower@paper --protocols temporal,inttower --seeds 3 \
         --out benchmarks/results/ml1m_two_tower
 
-A model name followed by `@paper` runs the configuration of the published tables' code (see
-prerank.benchmark.VARIANTS). Each (variant, protocol, seed) cell is written to OUT/runs/ as it finishes and skipped
-when the script is run again, so an interrupted run resumes. Writes OUT/results.json and
+A model name followed by `@paper` runs the configuration of the published tables' code (its file
+under configs/ml-1m/, read by prerank.benchmark.resolve_variant). Each (variant, protocol, seed)
+cell is written to OUT/runs/ as it finishes and skipped when the script is run again, so an
+interrupted run resumes. Writes OUT/results.json and
 OUT/summary.md (mean ± std over seeds, next to the published ML-1M AUCs).
 """
 

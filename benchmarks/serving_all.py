@@ -25,7 +25,7 @@ from prerank.models import REGISTRY, create_model
 from prerank.serve.artifact import export_artifact
 from prerank.serve.bench import bench_serve, write_bench
 from prerank.serve.loadtest import load_test, write_load
-from prerank.train.checkpoint import load_checkpoint
+from prerank.models.checkpoint import load_checkpoint
 
 
 def main() -> None:

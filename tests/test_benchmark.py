@@ -18,6 +18,8 @@ def test_benchmark_writes_tables_and_plots_and_resumes(tmp_path):
     summary = {r["model"]: r for r in json.loads((out / "results.json").read_text())["summary"]}
     assert summary["two_tower"]["storage_vs_two_tower"] == 1.0
     assert summary["two_tower@paper"]["auc"] == results[1]["test"]["auc"]
+    # The variant's settings come from configs/ml-1m/two_tower@paper.yaml.
+    assert results[1]["overrides"] == {"temperature": 1.0, "learn_temperature": False} and results[1]["seq_len"] == 0
     assert 0 < summary["two_tower"]["p50_ms"] <= summary["two_tower"]["p99_ms"]
     # A second run finds every cell done and recomputes none.
     again = run_benchmark(config, out, progress=False)

@@ -63,7 +63,7 @@ def test_cascade_build_writes_a_parquet_from_a_trained_teacher(tmp_path):
     assert metrics["objective"]["hybrid"]["distill_weight"] == 0.5 and 0 <= metrics["test_lists"]["ndcg@10"] <= 1
     assert "test cascade lists: recall@10" in result.output and (tmp_path / "rt" / "checkpoint.pt").exists()
     result = runner.invoke(app, ["train", "--cascade", str(out), "--hybrid", "distill=1", "--out", str(tmp_path / "x"), *common])
-    assert result.exit_code == 2 and "unknown key(s) ['distill']" in result.output
+    assert result.exit_code == 2 and "hybrid.distill: unknown key; known keys: distill_weight" in result.output
     result = runner.invoke(app, ["train", "--model", "two_tower", "--set", "hidden=[8]", "--out", str(tmp_path / "tt"), *common])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["cascade", "build", "--teacher", str(tmp_path / "tt" / "checkpoint.pt"), "--out", str(out), *sizes])

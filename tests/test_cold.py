@@ -5,9 +5,10 @@ import torch
 from typer.testing import CliRunner
 
 from prerank.cli import app
+from prerank.cli.cold import rank_feature_groups, top_groups
 from prerank.data.table import LABEL
 from prerank.models import create_model
-from prerank.models.cold import feature_groups, linear_log, rank_feature_groups, top_groups
+from prerank.models.cold import feature_groups, linear_log
 from tests.test_contract import SMALL
 
 

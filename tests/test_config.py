@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import prerank.models
-from prerank.benchmark import VARIANTS, BenchmarkConfig
+from prerank.benchmark import BenchmarkConfig, resolve_variant
 from prerank.cascade import CascadeConfig
 from prerank.config import ConfigError
 from prerank.data.pipeline import ProtocolConfig
 from prerank.models import REGISTRY, create_model
 from prerank.models.base import config_to_dict, make_config
+from prerank.run_config import variant_names
 from prerank.train.losses import HybridLossConfig
 from prerank.train.trainer import TrainConfig
 
@@ -90,7 +91,8 @@ def test_tower_fields_are_flat_keys():
     # `--set hidden=[256,128]` and the @paper variants' overrides address inherited fields directly.
     config = make_config("fit", {"hidden": [256, 128], "batch_norm": False, "dropout": 0.2})
     assert (config.hidden, config.batch_norm, config.dropout) == ((256, 128), False, 0.2)
-    for variant, (name, overrides, _) in VARIANTS.items():
+    for variant in variant_names():
+        name, overrides, _ = resolve_variant(variant)
         config = make_config(name, overrides)
         assert all(getattr(config, key) == (tuple(value) if isinstance(value, list) else value)
                    for key, value in overrides.items()), variant

@@ -9,7 +9,7 @@ from prerank.models import REGISTRY, create_model, get_model_class, make_config
 from prerank.models.base import config_to_dict
 from prerank.models.layers import EmbeddingBank
 from prerank.serve import export_artifact, load_artifact
-from prerank.train.checkpoint import load_checkpoint, save_checkpoint
+from prerank.models.checkpoint import load_checkpoint, save_checkpoint
 from tests.test_contract import SMALL
 
 MODELS = sorted(REGISTRY)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prerank.benchmark import VARIANTS, resolve_variant
+from prerank.benchmark import resolve_variant
+from prerank.run_config import variant_names
 from prerank.data.pipeline import ProtocolConfig
 from prerank.data.synthetic import load_synthetic
 from prerank.data.table import LABEL
@@ -184,7 +185,7 @@ def test_clear_errors(small_data):
 
 
 def test_benchmark_variants_build(small_data):
-    fit_variants = [v for v in VARIANTS if v.startswith("fit@")]
+    fit_variants = [v for v in variant_names() if v.startswith("fit@")]
     assert {"fit@no_mqm", "fit@no_lss", "fit@summax", "fit@fc", "fit@n8", "fit@n32", "fit@n64"} <= set(fit_variants)
     for variant in fit_variants:
         name, overrides, _ = resolve_variant(variant)

@@ -159,5 +159,5 @@ def test_cli_reports_wrong_plugins_as_messages(wrong_plugins, tmp_path):
     assert "model plugin 'broken' (entry point 'broken = plugin_fails_on_import:Model'" in result.output
     result = runner.invoke(app, ["train", "--model", "broken", "--dataset", "synthetic", "--epochs", "1", "--no-progress",
                                  "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
-    assert result.exit_code == 2 and "error: model plugin 'broken'" in result.output and "No module named" in result.output
+    assert result.exit_code == 2 and "error: command line: model.name: model plugin 'broken'" in result.output and "No module named" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)

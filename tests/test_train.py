@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from prerank.data.table import LABEL
 from prerank.models import REGISTRY, create_model
-from prerank.train import Trainer, TrainConfig, evaluate, load_checkpoint, predict_table, save_checkpoint
+from prerank.models.checkpoint import load_checkpoint, save_checkpoint
+from prerank.train import Trainer, TrainConfig, evaluate, predict_table
 from tests.test_contract import SMALL
 
 def train_loss(model, table):

@@ -30,29 +30,6 @@ from pydantic import Field
 from prerank.config import NonEmptyStr, PositiveInt, config_dataclass
 from prerank.data.pipeline import ProtocolName
 
-# name -> (registered model, config overrides, behaviour-sequence length or None for the default)
-VARIANTS: dict[str, tuple[str, dict, int | None]] = {
-    # The IntTower repo's dssm.py: cosine with gamma = 1, and its script feeds no behaviour sequence.
-    "two_tower@paper": ("two_tower", {"temperature": 1.0, "learn_temperature": False}, 0),
-    # The IntTower repo's Table-2 setting for DAT (cos x gamma + b, gamma = 1, no sequence), with the
-    # paper's learned augmented vectors and losses (the repo's are random and never train).
-    "dat@paper": ("dat", {"temperature": 1.0, "learn_temperature": False}, 0),
-    # The IntTower repo's cold.py: FiBiNET SE with residual, no cross features, DNN (300, 300, 128)
-    # without BatchNorm, plus a linear (LR) part; no sequence.
-    "cold@paper": ("cold", {"hidden": [300, 300, 128], "batch_norm": False, "se": "senet", "cross": "none",
-                            "linear_part": True}, 0),
-    # The IntTower PyTorch ML-1M script: FE-Block on layer inputs, 32 heads x 64, output bias,
-    # dropout 0.3, Light-SE on both towers, weights drawn from N(0, 1e-4), no sequence.
-    "inttower@paper": ("inttower", {"fe_block": "input", "heads": 32, "head_dim": 64, "output_bias": True,
-                                    "dropout": 0.3, "init_std": 1e-4}, 0),
-    # FIT's ablations (the paper's: w/o MQM, w/o LSS, w SumMax, w FC) and its meta-size sweep (default N = 16).
-    "fit@no_mqm": ("fit", {"use_mqm": False}, None),
-    "fit@no_lss": ("fit", {"scorer": "dot"}, None),
-    "fit@summax": ("fit", {"scorer": "summax"}, None),
-    "fit@fc": ("fit", {"scorer": "fc"}, None),
-    **{f"fit@n{n}": ("fit", {"num_meta": n}, None) for n in (8, 32, 64)},
-}
-
 # Published ML-1M test AUCs (IntTower paper Table 2; FIT paper table). Protocol: IntTower's, which leaks labels.
 PUBLISHED = {
     "two_tower": {"IntTower T2": 0.8697, "FIT": 0.8695},
@@ -71,7 +48,19 @@ LIST_KS = (10, 50)
 
 
 def resolve_variant(variant: str) -> tuple[str, dict, int | None]:
-    return VARIANTS.get(variant, (variant, {}, None))
+    """(registered model, config overrides, behaviour-sequence length or None for the default) of a
+    model name or a variant `model@tag`, read from its file under `prerank/configs/` (see
+    `prerank.run_config`). A variant sets its model and sequence length only: the data and the
+    budget are the benchmark's, the same for every model."""
+    from prerank.run_config import RunConfigError, read_variant, variant_file
+
+    if "@" not in variant:
+        return variant, {}, None
+    given = read_variant(variant)
+    extra = [k for k in given if k not in ("model", "protocol")] + [f"protocol.{k}" for k in given.get("protocol", {}) if k != "seq_len"]
+    if extra:
+        raise RunConfigError(f"{variant_file(variant)}: a benchmark variant sets model and protocol.seq_len only, not {extra}")
+    return given["model"]["name"], given["model"].get("options", {}), given.get("protocol", {}).get("seq_len")
 
 
 @config_dataclass
@@ -176,6 +165,8 @@ def run_benchmark(config: BenchmarkConfig, out: Path, progress: bool = True) -> 
     from prerank.atomic import write_json_atomic
 
     variants = all_models() if "all" in config.models else list(config.models)
+    for variant in variants:
+        resolve_variant(variant)  # a bad variant fails here, before any cell trains
     cells = [(v, s) for v in variants for s in range(1, config.seeds + 1)]
     results = []
     context = multiprocessing.get_context("spawn")

@@ -43,13 +43,12 @@ from typing import Literal, Optional, Union
 import numpy as np
 import pandas as pd
 import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from prerank.data.pipeline import (
     ITEM, RANKING_EVAL, USER, FeatureSpec, ProtocolConfig, build_samples, implicit_protocol,
 )
-from prerank.data.readers import Located, read_frame, split_lists, to_numbers, to_timestamps
+from prerank.data.readers import Located, read_frame, read_yaml_mapping, split_lists, to_numbers, to_timestamps
 from prerank.data.schema import Kind, Side
 from prerank.data.table import GRADE, LABEL, TIMESTAMP, DataError, PreparedData, cache_key, cached, file_fingerprint
 
@@ -146,14 +145,7 @@ class OwnDataConfig(_Strict):
 
 def read_config(path: str | Path) -> OwnDataConfig:
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise DataError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path)
     try:
         return OwnDataConfig(**raw)
     except pydantic.ValidationError as err:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from prerank.data.table import DataError
 
@@ -32,6 +33,19 @@ class Located:
         if self.first_line is None:
             return f"{self.path}, row {row + 1}"
         return f"{self.path}, line {row + self.first_line}"
+
+
+def read_yaml_mapping(path: Path, error: type[ValueError] = DataError, expected: str = "a mapping") -> dict:
+    """A YAML file whose top level is a mapping (an empty file is an empty one); `error` names the file."""
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict | None):
+        raise error(f"{path}: expected {expected} at the top level")
+    return raw or {}
 
 
 def read_frame(

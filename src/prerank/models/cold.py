@@ -16,8 +16,8 @@ not decoupling costs.
     linear_log(x) = -log(-x) - 1 (x < -1);  x (|x| <= 1);  log(x) + 1 (x > 1)      (Eq. 3, optional)
 
 Feature-group selection (§3.2): train with every group, rank the groups by their mean SE weight
-over an evaluation sample (`rank_feature_groups`), keep the top k (`groups=[...]`) and retrain;
-`prerank cold-select` does both. A model built with `groups` embeds only the features those
+(`group_weights`) over an evaluation sample, keep the top k (`groups=[...]`) and retrain;
+`prerank cold-select` (`prerank.cli.cold`) does both. A model built with `groups` embeds only the features those
 groups read.
 
 Readings we chose where the paper is silent or our data differ (config options):
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -240,33 +239,3 @@ class COLD(PreRankModel):
         if self.config.linear_part:
             logits = logits + user_state["linear"].unsqueeze(-1) + item_state["linear"]
         return logits
-
-
-@torch.no_grad()
-def rank_feature_groups(model: COLD, table, sample_rows: int = 20000, batch_size: int = 4096, seed: int = 0) -> list[tuple[str, float]]:
-    """Feature groups by mean SE weight over a random sample of `table`'s rows, highest first (§3.2)."""
-    from prerank.train.trainer import iterate_batches, model_columns, to_device_tensors
-
-    if not isinstance(model, COLD):
-        raise ValueError(f"feature-group ranking needs a COLD model, got {model.name!r}")
-    rows = np.arange(len(table))
-    if len(rows) > sample_rows:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, size=sample_rows, replace=False))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    tensors = to_device_tensors(table.subset(rows), model_columns(model), device)
-    total = torch.zeros(len(model.group_names), dtype=torch.float64)
-    for batch in iterate_batches(tensors, batch_size):
-        user_state = model.encode_user(model.user_inputs(batch))
-        item_state = model.encode_item_lists(model.item_inputs(batch))
-        total += model.group_weights(user_state, item_state).reshape(-1, len(model.group_names)).double().sum(0).cpu()
-    model.train(was_training)
-    means = (total / max(len(rows), 1)).tolist()
-    return sorted(zip(model.group_names, means), key=lambda kv: -kv[1])
-
-
-def top_groups(ranking: list[tuple[str, float]], k: int) -> list[str]:
-    if not 1 <= k <= len(ranking):
-        raise ValueError(f"top-k must lie in 1..{len(ranking)} (the number of feature groups), got {k}")
-    return [name for name, _ in ranking[:k]]

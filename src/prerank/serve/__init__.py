@@ -1,6 +1,6 @@
 """Serving: the exported artifact (item-state table), the online scorer, the HTTP service and its benchmarks.
 
-Imports models and data only, never the trainer (`prerank export` loads a checkpoint inside its command).
+Imports models and data only, never the trainer: checkpoints load through `prerank.models.checkpoint`.
 """
 
 from prerank.serve.artifact import Artifact, ArtifactError, export_artifact, load_artifact

@@ -1,6 +1,5 @@
-"""Training: the loop, losses, checkpoints."""
+"""Training: the loop, losses, the end-to-end run (checkpoints are `prerank.models.checkpoint`)."""
 
-from prerank.train.checkpoint import load_checkpoint, save_checkpoint
 from prerank.train.trainer import Trainer, TrainConfig, evaluate, predict_table
 
-__all__ = ["TrainConfig", "Trainer", "evaluate", "load_checkpoint", "predict_table", "save_checkpoint"]
+__all__ = ["TrainConfig", "Trainer", "evaluate", "predict_table"]

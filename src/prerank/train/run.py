@@ -10,7 +10,7 @@ from prerank.cascade import Cascade, check_cascade_matches
 from prerank.data.table import PreparedData
 from prerank.models.base import PreRankModel, config_to_dict, create_model
 from prerank.train import distributed
-from prerank.train.checkpoint import save_checkpoint
+from prerank.models.checkpoint import save_checkpoint
 from prerank.train.listwise import ListwiseTrainer, evaluate_lists
 from prerank.train.losses import NO_HYBRID, HybridLossConfig
 from prerank.train.two_stage import two_stage_report

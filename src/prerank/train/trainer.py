@@ -29,7 +29,7 @@ from prerank.data.table import LABEL, SampleTable
 from prerank.metrics import auc, pointwise_report
 from prerank.models.base import PreRankModel
 from prerank.train import distributed
-from prerank.train.checkpoint import save_checkpoint
+from prerank.models.checkpoint import save_checkpoint
 
 
 @config_dataclass

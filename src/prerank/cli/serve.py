@@ -1,4 +1,4 @@
-"""CLI commands for export and serving: `prerank export`, `serve`, `bench-serve`, `load-test`.
+"""Export and serving: `prerank export`, `serve`, `bench-serve`, `load-test`.
 
 Imports stay inside the commands: `serve` must not load the trainer, and `prerank --help`
 should not pay for FastAPI.
@@ -11,12 +11,9 @@ from typing import Optional
 
 import typer
 
+from prerank.cli.common import fail, user_errors
+
 RESULTS = Path("benchmarks/results/serving")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def export(
@@ -30,18 +27,17 @@ def export(
 ) -> None:
     """Write a serving artifact: weights, config, schema, vocabularies and the item-state table."""
     from prerank.data.datasets import load_recorded
-    from prerank.data.table import DataError
+    from prerank.models.checkpoint import load_checkpoint
     from prerank.serve.artifact import export_artifact
-    from prerank.train.checkpoint import load_checkpoint
 
-    try:
+    with user_errors():
         model, payload = load_checkpoint(checkpoint)
         source = payload["extra"].get("data_source") or {}
+        if not source:
+            fail(f"{checkpoint}: no data source recorded; retrain with `prerank train`")
         data = load_recorded(source, data_dir, cache_dir)
         manifest = export_artifact(model.to(device), data, out, version=version, overwrite=overwrite,
                                    source={**source, "checkpoint": str(checkpoint), "epoch": payload["extra"].get("epoch")})
-    except (DataError, ValueError, FileNotFoundError) as err:
-        _fail(f"{checkpoint}: {err}" if "no data source" in str(err) else str(err))
     if not manifest["decoupled"]:
         typer.secho(f"note: {manifest['model']} does not decouple: its item state is raw item features and all work is "
                     "in score", fg=typer.colors.YELLOW, err=True)
@@ -64,12 +60,9 @@ def serve(
 ) -> None:
     """Serve an artifact over HTTP: POST /v1/prerank, GET /v1/model, GET /healthz, docs at /docs."""
     from prerank.serve.app import serve as run_server
-    from prerank.serve.artifact import ArtifactError
 
-    try:
+    with user_errors():
         run_server(str(artifact), host, port, threads or None, device, verify, max_candidates, log_level, workers)
-    except ArtifactError as err:
-        _fail(str(err))
 
 
 def bench_serve(
@@ -86,14 +79,11 @@ def bench_serve(
     seed: int = typer.Option(0),
 ) -> None:
     """Latency of one request (user and candidate stage, p50/p99) at each N; storage per item; parameters."""
-    from prerank.serve.artifact import ArtifactError
     from prerank.serve.bench import bench_markdown, bench_serve as run_bench, write_bench
 
-    try:
+    with user_errors():
         n_values = tuple(int(n) for n in sizes.split(","))
         result = run_bench(artifact, n_values, threads, device, repeats, warmup, k, reference, seed)
-    except (ArtifactError, ValueError) as err:
-        _fail(str(err))
     json_path, md_path = write_bench(result, out)
     typer.echo(bench_markdown(result))
     typer.echo(f"wrote {json_path} and {md_path}")
@@ -113,23 +103,12 @@ def load_test(
     seed: int = typer.Option(0),
 ) -> None:
     """Bounded load test of POST /v1/prerank on 127.0.0.1: throughput, latency percentiles, non-2xx count."""
-    from prerank.serve.artifact import ArtifactError
     from prerank.serve.loadtest import load_markdown, load_test as run_load, write_load
 
-    try:
+    with user_errors(RuntimeError):
         result = run_load(artifact, url, requests, concurrency, candidates, k, threads, warmup, max_seconds=max_seconds, seed=seed)
-    except (ArtifactError, ValueError, RuntimeError) as err:
-        _fail(str(err))
     json_path, md_path = write_load(result, out)
     typer.echo(load_markdown(result))
     typer.echo(f"wrote {json_path} and {md_path}")
     if result["status_5xx"]:
         raise typer.Exit(1)
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(export)
-    app.command()(serve)
-    app.command("bench-serve")(bench_serve)
-    app.command("load-test")(load_test)
-

@@ -8,12 +8,9 @@ from typing import Optional
 
 import typer
 
+from prerank.cli.common import fail, user_errors
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The simulated cascade (full-stage samples).")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -38,14 +35,12 @@ def build(
     import torch
 
     from prerank.cascade import CascadeConfig, build_cascade, save_cascade
-    from prerank.data.datasets import default_cache_dir, load_dataset
-    from prerank.data.pipeline import ProtocolConfig
-    from prerank.data.table import DataError
-    from prerank.train.checkpoint import load_checkpoint
+    from prerank.data.datasets import load_recorded
+    from prerank.models.checkpoint import load_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
-    try:
+    with user_errors():
         config = CascadeConfig(retriever="model" if retriever else "itemcf", retrieval_size=retrieval_size,
                                random_items=random_items, prerank_size=prerank_size, exposure_size=exposure_size,
                                window=window, train_requests_per_user=train_requests_per_user,
@@ -53,15 +48,12 @@ def build(
         teacher_model, payload = load_checkpoint(teacher)
         source = payload["extra"].get("data_source") or {}
         if not source:
-            _fail(f"{teacher}: no data source recorded; retrain with `prerank train`")
-        data = load_dataset(source["dataset"], data_dir or source["data_dir"], ProtocolConfig.from_recorded(source["protocol"]),
-                            source.get("ratings_file"), cache_dir or default_cache_dir())
+            fail(f"{teacher}: no data source recorded; retrain with `prerank train`")
+        data = load_recorded(source, data_dir, cache_dir)
         retriever_model = load_checkpoint(retriever)[0] if retriever else None
         cascade = build_cascade(data, teacher_model, config, retriever_model, progress=typer.echo)
         cascade.meta.update(teacher_checkpoint=str(teacher), retriever_checkpoint=str(retriever) if retriever else None,
                             data_source=source)
         save_cascade(cascade, out)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
     typer.echo(json.dumps(cascade.summary(), indent=2))
     typer.echo(f"wrote {out} in {cascade.meta['seconds']} s")

@@ -7,22 +7,19 @@ from pathlib import Path
 
 import typer
 
-from prerank.data.table import DataError
+from prerank.cli.common import user_errors
 
-data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Validate and summarise datasets.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Validate and summarise datasets.")
 
 
-@data_app.command()
+@app.command()
 def check(config: Path = typer.Argument(..., help="a dataset YAML (see README, 'Your own data')"),
           as_json: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
     """Validate an own-data YAML and the files it names; print a summary or the first error."""
     from prerank.data.owndata import check_own_data
 
-    try:
+    with user_errors():
         summary = check_own_data(config)
-    except DataError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

@@ -1,91 +1,58 @@
-"""The `prerank` command line."""
+"""Training and comparing: `prerank train`, `evaluate`, `models`, `benchmark`."""
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
 
+from prerank.cli.common import data_parallel, fail, parse_overrides, user_errors
 from prerank.data.datasets import DATASETS, default_cache_dir, load_dataset, load_recorded
-from prerank.data.pipeline import PROTOCOLS, ProtocolConfig
-from prerank.data.table import DataError
-from prerank.serve.commands import register as register_serving
-from prerank.data_cli import data_app
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-ranking models for cascade recommender systems.")
-app.add_typer(data_app, name="data")
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is when a record comes (test runners swap it per command)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
+# Each flag of `prerank train` and the run-config key it sets; a flag given overrides the --config file.
+FLAG_KEYS = {
+    "dataset": ("dataset", "name"), "data_dir": ("dataset", "data_dir"), "ratings_file": ("dataset", "ratings_file"),
+    "protocol": ("protocol", "name"), "seq_len": ("protocol", "seq_len"), "negatives": ("protocol", "negatives"),
+    "model": ("model", "name"), "embed_dim": ("model", "options", "embed_dim"),
+    "epochs": ("training", "epochs"), "batch_size": ("training", "batch_size"), "lr": ("training", "lr"),
+    "patience": ("training", "patience"), "seed": ("training", "seed"), "threads": ("training", "num_threads"),
+    "cascade": ("cascade",),
+}
 
 
-@app.callback()
-def _log_to_stderr() -> None:
-    """The package's info lines (e.g. "reusing cached preprocessing at ...") go to stderr."""
-    logger = logging.getLogger("prerank")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-
-ML1M_HINT = (
-    "prerank train --dataset ml-1m --data-dir ../shared/data/ml-1m "
-    "--ratings-file ratings-partial-users0001-2999/ratings.dat.gz --protocol temporal --model two_tower --out runs/tt"
-)
+def given_on_command_line(ctx: typer.Context, name: str) -> bool:
+    # By the source's name: typer may bring its own copy of click, whose ParameterSource is another enum.
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def data_parallel(command):
-    """`prerank.train.distributed.data_parallel`, imported when the command runs: the CLI module
-    (which `prerank serve` loads) must not import the trainer's package."""
-
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        from prerank.train.distributed import data_parallel as wrap
-
-        return wrap(command)(*args, **kwargs)
-
-    return run
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`--set hidden=[256,128] --set similarity=dot` -> {"hidden": [256, 128], "similarity": "dot"}."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise typer.BadParameter(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+def flag_layer(given: dict, options: dict, hybrid: dict) -> dict:
+    """The run-config keys the command line sets: the flags given, `--set` and `--hybrid` pairs."""
+    layer: dict = {}
+    for flag, value in given.items():
+        *sections, key = FLAG_KEYS[flag]
+        node = layer
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = str(value) if isinstance(value, Path) else value
+    if options:
+        if options.get("embed_dim", given.get("embed_dim")) != given.get("embed_dim", options.get("embed_dim")):
+            raise ValueError("--embed-dim and --set embed_dim=... disagree; give one")
+        layer.setdefault("model", {}).setdefault("options", {}).update(options)
+    if hybrid:
+        layer["hybrid"] = hybrid
+    return layer
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-@app.command()
 @data_parallel  # under torchrun: joins the process group, trains with DDP, rank 0 writes
 def train(
-    model: str = typer.Option("two_tower", help="registered model name (see `prerank models`)"),
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", help="a run YAML (README, 'Named experiments'); flags given here override it"),
+    model: str = typer.Option("two_tower", help="registered model (`prerank models`) or variant model@tag (a file under configs/)"),
     dataset: str = typer.Option("ml-1m", help=f"one of {DATASETS}"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (ML-1M: users.dat, movies.dat, ratings)"),
     ratings_file: Optional[str] = typer.Option(None, help="ratings file, relative to --data-dir or absolute"),
@@ -105,45 +72,41 @@ def train(
     cache_dir: Optional[Path] = typer.Option(None, help="preprocessing cache (default ~/.cache/prerank)"),
     cascade: Optional[Path] = typer.Option(None, help="cascade parquet (`prerank cascade build`): train on its request lists with the hybrid loss"),
     hybrid: list[str] = typer.Option([], "--hybrid", help="hybrid-loss override key=value, e.g. distill_weight=0 (with --cascade)"),
-    out: Path = typer.Option(Path("runs/latest"), help="output folder: metrics.json, checkpoint.pt, history.json"),
+    out: Path = typer.Option(Path("runs/latest"), help="output folder: metrics.json, checkpoint.pt, run.yaml"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the run config (YAML) this would train and exit"),
 ) -> None:
-    """Train one model and write OUT/metrics.json and OUT/checkpoint.pt.
+    """Train one model and write OUT/metrics.json, OUT/checkpoint.pt and OUT/run.yaml (which reruns it).
 
     With --cascade, --batch-size counts requests (lists), not rows."""
+    from prerank.run_config import merge, read_run_file, read_variant, validate
     from prerank.train.run import run_training
-    from prerank.train.trainer import TrainConfig
 
-    try:
-        protocol_config = ProtocolConfig(name=protocol, seq_len=seq_len, negatives=negatives)
-        model_overrides = parse_overrides(set_)
-        if embed_dim is not None:
-            if model_overrides.get("embed_dim", embed_dim) != embed_dim:
-                raise ValueError("--embed-dim and --set embed_dim=... disagree; give one")
-            model_overrides["embed_dim"] = embed_dim
-        train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-                                   device=device, num_threads=threads, progress=progress)
-        source = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "ratings_file": ratings_file,
-                  "protocol": protocol_config.__dict__}
-        data = load_dataset(dataset, data_dir, protocol_config, ratings_file, cache_dir or default_cache_dir())
+    with user_errors():
+        layers = [read_run_file(config)] if config is not None else []
+        flags = dict(dataset=dataset, data_dir=data_dir, ratings_file=ratings_file, protocol=protocol, seq_len=seq_len,
+                     negatives=negatives, model=model, embed_dim=embed_dim, epochs=epochs, batch_size=batch_size, lr=lr,
+                     patience=patience, seed=seed, threads=threads, cascade=cascade)
+        given = {flag: value for flag, value in flags.items() if given_on_command_line(ctx, flag)}
+        if "@" in given.get("model", ""):
+            layers.append(read_variant(given.pop("model")))
+        layers.append(flag_layer(given, parse_overrides(set_), parse_overrides(hybrid, "--hybrid")))
+        run = validate(merge(*layers), "command line")
+        if print_config:
+            typer.echo(run.to_yaml(), nl=False)
+            return
+        data = load_dataset(run.dataset.name, run.dataset.data_dir, run.protocol, run.dataset.ratings_file,
+                            cache_dir or default_cache_dir())
         if data.meta.get("leaks_labels"):
             typer.secho(f"note: {data.meta['note']}", fg=typer.colors.YELLOW, err=True)
-        lists, loss = None, None
-        if cascade is not None:
+        lists = None
+        if run.cascade is not None:
             from prerank.cascade import load_cascade
-            from prerank.train.losses import HybridLossConfig
 
-            loss_overrides = parse_overrides(hybrid)
-            unknown = sorted(set(loss_overrides) - set(HybridLossConfig.__dataclass_fields__))
-            if unknown:
-                raise ValueError(f"--hybrid: unknown key(s) {unknown}; known: {sorted(HybridLossConfig.__dataclass_fields__)}")
-            # No --hybrid: the default hybrid loss, or a model's own list losses (lttd).
-            lists, loss = load_cascade(cascade), (HybridLossConfig(**loss_overrides) if loss_overrides else None)
-        elif hybrid:
-            raise ValueError("--hybrid sets the hybrid loss of --cascade training; give --cascade too")
-        metrics = run_training(data, model, train_config, model_overrides, out, source, lists, loss)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+            lists = load_cascade(Path(run.cascade))
+        # No hybrid options: the default hybrid loss, or a model's own list losses (lttd).
+        metrics = run_training(data, run.model, run.train_config(device, progress), run.model_options, out,
+                               run.data_source(), lists, run.hybrid)
     from prerank.train.distributed import context as distributed_context
 
     if not distributed_context().is_main:
@@ -157,10 +120,10 @@ def train(
         typer.echo(f"  test top-K over {report['candidates']}: " + "  ".join(f"{k} {v:.4f}" for k, v in report.items() if "@" in k))
     if "test_lists" in metrics:
         typer.echo("  test cascade lists: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics["test_lists"].items() if "@" in k and "teacher" not in k))
-    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'checkpoint.pt'}")
+    run.write(out / "run.yaml", f"The run in this folder, written by `prerank train`; rerun it with\n  prerank train --config {out / 'run.yaml'} --out DIR")
+    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'checkpoint.pt'} and {out / 'run.yaml'}")
 
 
-@app.command()
 def evaluate(
     checkpoint: Path = typer.Option(..., help="a checkpoint.pt written by `prerank train`"),
     data_dir: Optional[Path] = typer.Option(None, help="override the data folder recorded in the checkpoint"),
@@ -168,24 +131,23 @@ def evaluate(
     cache_dir: Optional[Path] = typer.Option(None),
 ) -> None:
     """Re-score a saved model on the split it was trained with; prints the metrics as JSON."""
-    from prerank.train.checkpoint import load_checkpoint
+    from prerank.models.checkpoint import load_checkpoint
     from prerank.train.trainer import evaluate as evaluate_table
 
-    try:
+    with user_errors():
         model, payload = load_checkpoint(checkpoint)
         data = load_recorded(payload["extra"].get("data_source") or {}, data_dir, cache_dir)
         if split not in data.splits:
-            _fail(f"unknown split {split!r}; choose train, valid or test")
+            fail(f"unknown split {split!r}; choose train, valid or test")
         report = evaluate_table(model, data.splits[split])
-    except (DataError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
     typer.echo(json.dumps({"model": payload["model"], "split": split, "protocol": data.meta.get("protocol"), **report}, indent=2))
 
 
-@app.command()
 def models() -> None:
-    """List the registered models, those of installed plugin packages included."""
+    """List the registered models, those of installed plugin packages included, and the variants
+    (model@tag files under configs/)."""
     from prerank.models.base import REGISTRY
+    from prerank.run_config import CONFIGS, variant_file, variant_names
 
     for name, cls in sorted(REGISTRY.items()):
         kind = "ranker" if cls.is_ranker else ("pre-ranker" if cls.decoupled else "pre-ranker, not decoupled")
@@ -193,24 +155,14 @@ def models() -> None:
             kind += f", plugin {REGISTRY.origin(name)}"
         doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
         typer.echo(f"{name:14s} {kind}: {(doc.strip().splitlines() or [''])[0]}")
+    typer.echo(f"\nvariants (--model NAME, files under {CONFIGS}):")
+    for name in variant_names():
+        typer.echo(f"{name:18s} {variant_file(name).relative_to(CONFIGS)}")
     problems = REGISTRY.problems()
     if problems:
-        _fail("\n".join(problems[name] for name in sorted(problems)))
+        fail("\n".join(problems[name] for name in sorted(problems)))
 
 
-@app.command()
-def quickstart(
-    epochs: int = typer.Option(5),
-    out: Path = typer.Option(Path("runs/quickstart")),
-) -> None:
-    """Train Two-Tower on a small generated dataset and print the results (no files needed)."""
-    from prerank.quickstart import run_quickstart
-
-    run_quickstart(epochs=epochs, out=out)
-    typer.echo("\nNext, on MovieLens-1M:\n  " + ML1M_HINT)
-
-
-@app.command()
 def benchmark(
     dataset: str = typer.Option("ml-1m", help=f"one of {DATASETS}"),
     data_dir: Optional[Path] = typer.Option(None),
@@ -234,7 +186,7 @@ def benchmark(
 
     if quick:
         dataset, epochs, seeds = "synthetic", min(epochs, 2), 1 if seeds == 3 else seeds
-    try:
+    with user_errors():
         config = BenchmarkConfig(
             dataset=dataset, data_dir=str(data_dir) if data_dir else None, ratings_file=ratings_file, protocol=protocol,
             models=tuple(m.strip() for m in models.split(",") if m.strip()), seeds=seeds, epochs=epochs, patience=patience,
@@ -243,25 +195,4 @@ def benchmark(
             cascade=str(cascade) if cascade else None,
         )
         run_benchmark(config, out, progress=progress)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
     typer.echo(f"wrote {out / 'benchmark.md'} (+ quality.csv, cost.csv, results.json, PNG plots)")
-
-
-register_serving(app)  # export, serve, bench-serve, load-test
-
-from prerank.cold_select import cold_select  # noqa: E402
-
-app.command("cold-select")(cold_select)
-
-from prerank.cli_cascade import app as cascade_app  # noqa: E402
-
-app.add_typer(cascade_app, name="cascade")
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -4,15 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+import typer
 
-from prerank.data.synthetic import load_synthetic
-from prerank.train.run import run_training
-from prerank.train.trainer import TrainConfig
+ML1M_HINT = (
+    "prerank train --dataset ml-1m --data-dir ../shared/data/ml-1m "
+    "--ratings-file ratings-partial-users0001-2999/ratings.dat.gz --protocol temporal --model two_tower --out runs/tt"
+)
+
+
+def quickstart(
+    epochs: int = typer.Option(5),
+    out: Path = typer.Option(Path("runs/quickstart")),
+) -> None:
+    """Train Two-Tower on a small generated dataset and print the results (no files needed)."""
+    run_quickstart(epochs=epochs, out=out)
+    typer.echo("\nNext, on MovieLens-1M:\n  " + ML1M_HINT)
 
 
 def run_quickstart(epochs: int = 5, out: Path = Path("runs/quickstart"), models: tuple[str, ...] = ("two_tower",)) -> list[dict]:
+    from rich.console import Console
+    from rich.table import Table
+
+    from prerank.data.synthetic import load_synthetic
+    from prerank.train.run import run_training
+    from prerank.train.trainer import TrainConfig
+
     console = Console()
     data = load_synthetic(embed_dim=16)  # a small default, for a run of seconds
     console.print(f"[bold]prerank quickstart[/bold]: {data.meta['dataset_label']}, protocol {data.meta['protocol']}, "
