@@ -1,7 +1,7 @@
 """The shared contract, checked for every registered model: parity of precomputed item states with
 the forward pass, user/item isolation, the N axis, gradient flow, and the training side: training-mode
 parity with the serving stages, one optimisation step in every declared training mode and phase,
-and a config round trip through YAML."""
+a config round trip through YAML and a checkpoint round trip."""
 
 import numpy as np
 import pytest
@@ -11,6 +11,7 @@ import yaml
 from prerank.data.table import LABEL
 from prerank.models import REGISTRY, create_model
 from prerank.models.base import PreRankModel, config_to_dict, gather_items
+from prerank.models.checkpoint import load_checkpoint, save_checkpoint
 from prerank.train.listwise import ListBatches, ListwiseTrainer
 from prerank.train.losses import NO_HYBRID, HybridLossConfig
 from prerank.train.trainer import Trainer, TrainConfig
@@ -184,3 +185,30 @@ def test_config_round_trip_through_yaml(name, small_data):
     assert config_to_dict(rebuilt.config) == config_to_dict(model.config)
     assert yaml.safe_dump(config_to_dict(rebuilt.config)) == written
     assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_checkpoint_round_trip(name, small_data, small_batch, tmp_path):
+    """A trained step saved and loaded: the same class, config, weights (buffers too) and scores."""
+    batch, _ = small_batch
+    model = build(name, small_data.schema).train()
+    rows = small_data.train.subset(np.arange(64)).to_tensors()
+    model(rows)  # training-mode side effects (batch-norm statistics, step counters, codebooks) must survive too
+    model.eval()
+    save_checkpoint(tmp_path / "checkpoint.pt", model, extra={"note": "round trip"})
+    loaded, payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert type(loaded) is type(model) and payload["extra"]["note"] == "round trip"
+    assert config_to_dict(loaded.config) == config_to_dict(model.config)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, atol=0, rtol=0, msg=key)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(batch).logits, model(batch).logits, atol=0, rtol=0)
+
+
+def test_a_checkpoint_of_another_format_is_a_clear_error(small_data, tmp_path):
+    save_checkpoint(tmp_path / "checkpoint.pt", build("two_tower", small_data.schema))
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save({**payload, "format_version": 1}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old\.pt: checkpoint format 1, this prerank reads format 2; retrain"):
+        load_checkpoint(tmp_path / "old.pt")

@@ -44,10 +44,6 @@ TENSOR_TYPES = re.compile(r"\b(Tensor|State|Fields|ModelOutput|ndarray)\b")
 EXEMPT = {
     # Unannotated parameter, but a config in and a dict out: no tensor to give a shape.
     "prerank.models.base.config_to_dict": "no tensors",
-    # COLD's feature-group selection, which trains, leaves the model file for its command (issue 15,
-    # the CLI branch); drop these two entries when it has.
-    "prerank.models.cold.rank_feature_groups": "leaving the model file",
-    "prerank.models.cold.top_groups": "leaving the model file",
 }
 
 

@@ -10,7 +10,8 @@ from prerank.atomic import atomic_path
 from prerank.data.schema import Schema
 from prerank.models.base import PreRankModel, config_to_dict, create_model
 
-FORMAT_VERSION = 1
+# 2: embedding dims and dense scalers in the schema, shared layer names (issue 15); 1 does not load.
+FORMAT_VERSION = 2
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -38,7 +39,8 @@ def load_checkpoint(path: Path) -> tuple[PreRankModel, dict]:
         raise FileNotFoundError(f"{path}: checkpoint not found")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format_version')!r}")
+        raise ValueError(f"{path}: checkpoint format {payload.get('format_version')!r}, this prerank reads format "
+                         f"{FORMAT_VERSION}; retrain the model with this version")
     model = create_model(payload["model"], Schema.from_dict(payload["schema"]), payload["model_config"])
     model.load_state_dict(payload["state_dict"])
     model.eval()
