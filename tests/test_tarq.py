@@ -112,8 +112,14 @@ def test_training_forward_with_own_codeword_queries_equals_the_serving_compositi
     batch = _list_batch(small_data) if lists else small_data.train.subset(np.arange(64)).to_tensors()
     model = _model(small_data).train()
     fast = model(batch).logits  # initialises the codebooks; its codebook update waits for the next step
-    with torch.no_grad():  # encode_user (all L·K queries) + score, same batch-norm mode
-        full = model.score(model.encode_user(model.user_inputs(batch)), model.encode_item_lists(model.item_inputs(batch)))
+    with torch.no_grad():  # the serving composition from all L·K codeword queries, same batch-norm mode
+        user_state = model.encode_user(model.user_inputs(batch))
+        item_state = model.encode_item_lists(model.item_inputs(batch))
+        memory = (user_state["memory_keys"], user_state["memory_values"], user_state["memory_mask"])
+        L, K = model.codebooks.shape[:2]
+        personal = model.student_attention.attend(model.student_attention.queries(model.codebooks).flatten(0, 1), memory)
+        h_hat = model.approximate_attention(personal.reshape(len(personal), L, K, -1), item_state["codes"])
+        full = model._compose(user_state["vector"], item_state, h_hat)
     assert fast.shape == full.shape == ((16, 5) if lists else (64, 1))
     torch.testing.assert_close(fast.detach(), full, atol=1e-5, rtol=1e-5)
 
@@ -124,7 +130,7 @@ def test_alignment_on_a_sub_batch_equals_the_definition_on_those_rows(small_data
     got = model(batch).aux_losses["align"]
     with torch.no_grad():
         sub = {k: v[:10] for k, v in batch.items()}
-        personal = model.encode_user(model.user_inputs(sub))["personal_codebook"]
+        personal = model.eval().encode_user(model.user_inputs(sub))["personal_codebook"]  # attention has no train-mode layer
         h_ta, _ = model.teacher(sub)  # batch norm sits only in the towers, which neither term uses
         vectors = model.item_encoder(model.towers.item_fields(model.item_inputs(sub)).flat())
         codes, residuals = residual_quantize(vectors, model.codebooks)

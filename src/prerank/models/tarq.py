@@ -40,10 +40,12 @@ Codebook alignment (official code), per level l, with p over all K codes:
 
 Total: L = BCE(logit, y) + L_ta + L_rec + L_align (+ the codebook terms below).
 
-Training cost. The training states (`batch_states`) never build the whole personalised codebook:
-the score needs only the item's own L codewords, and attention is per query, so each row attends
-with its L queries (N·L for a list of N), not L·K, and only those codewords are filled; `score` on
-them equals `score(encode_user(u), encode_items(i))` to float rounding (the contract test checks it). The alignment term needs all K codewords per level; it is
+Training cost. In training mode the model never builds the whole personalised codebook: the
+score needs only the item's own L codewords, and attention is per query, so `encode_user` keeps
+the user's attention memory (keys, values, mask) and `score` attends with each candidate's own L
+codeword queries (N·L for a list of N), not L·K (`attend_own_codewords`). That is the serving
+score exactly, to float rounding (a test checks it); the user state differs between the modes, the
+item state does not. The alignment term needs all K codewords per level; it is
 computed on the first `align_rows` rows of each (shuffled) batch, an unbiased sub-sample of the
 batch mean, at align_rows/B of the full cost.
 
@@ -319,13 +321,34 @@ class Tarq(PreRankModel):
         [M, L], "head_key": W_h v_item [M, d]}."""
         return self._encode_items(items)[0]
 
-    def encode_user(self, user: dict[str, Tensor]) -> State:
-        """User features [B] -> {"vector": [B, D], "personal_codebook": X̄ [B, L, K, d]}."""
+    def _user_state(self, user: dict[str, Tensor]) -> tuple[State, Tensor, Tensor]:
+        """(user state, behaviour embeddings [B, S, d], their mask [B, S]); the state as `encode_user` says."""
         behaviours, mask = self._behaviours(user)
+        keys, values, memory_mask = self.student_attention.memory(behaviours, mask)
+        vector = self._user_vector(user)
+        if self.training:
+            return {"vector": vector, "memory_keys": keys, "memory_values": values, "memory_mask": memory_mask}, behaviours, mask
         L, K = self.codebooks.shape[:2]
         queries = self._codeword_queries().flatten(0, 1)  # [L·K, H, e], shared by every user
-        personal = self.student_attention.attend(queries, self.student_attention.memory(behaviours, mask))
-        return {"vector": self._user_vector(user), "personal_codebook": personal.reshape(len(behaviours), L, K, -1)}
+        personal = self.student_attention.attend(queries, (keys, values, memory_mask))
+        return {"vector": vector, "personal_codebook": personal.reshape(len(behaviours), L, K, -1)}, behaviours, mask
+
+    def encode_user(self, user: dict[str, Tensor]) -> State:
+        """User features [B] -> serving: {"vector": [B, D], "personal_codebook": X̄ [B, L, K, d]}.
+        Training: {"vector": [B, D], "memory_keys", "memory_values": [B, S+1, H, d/H], "memory_mask":
+        [B, S+1]}, the attention memory from which `score` attends with only the candidates' own L
+        codeword queries (module docstring, "Training cost")."""
+        return self._user_state(user)[0]
+
+    def attend_own_codewords(self, user_state: State, codes: Tensor) -> Tensor:
+        """ĥ computed exactly, in training: each candidate's own L codewords [B, N, L] attend over the
+        user's memory (training user state) and are summed -> [B, N, d]; equals `approximate_attention`
+        on the full personalised codebook, since attention is per query."""
+        B, N, L = codes.shape
+        queries = self._codeword_queries()  # [L, K, H, e]
+        own = queries[torch.arange(L, device=codes.device).expand_as(codes), codes]  # [B, N, L, H, e]
+        memory = (user_state["memory_keys"], user_state["memory_values"], user_state["memory_mask"])
+        return self.student_attention.attend(own.reshape(B, N * L, *own.shape[-2:]), memory).reshape(B, N, L, -1).sum(2)
 
     def approximate_attention(self, personal: Tensor, codes: Tensor) -> Tensor:
         """ĥ = Σ_l X̄[l, z_l]: personal [B, L, K, d], codes [B, N, L] -> [B, N, d]."""
@@ -347,10 +370,15 @@ class Tarq(PreRankModel):
 
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
         """Logits [B, N]: the two-tower term plus <ĥ, W_h v_item>, ĥ gathered from the user's
-        personalised codebook [B, L, K, d] by the candidates' codes [B, N, L]. User state {"vector":
-        [B, D], "personal_codebook"}, item state {"vector": [B, N, D], "codes", "head_key": [B, N, d]};
+        personalised codebook [B, L, K, d] by the candidates' codes [B, N, L] (in training, attended
+        exactly: `attend_own_codewords`). User state as `encode_user` gives it, item state {"vector": [B, N, D], "codes", "head_key": [B, N, d]};
         pointwise: `mask` is not needed."""
-        h_hat = self.approximate_attention(user_state["personal_codebook"], item_state["codes"])
+        if self.training:
+            h_hat = self.attend_own_codewords(user_state, item_state["codes"])
+            if self._step is not None:
+                self._step["h_hat"] = h_hat  # the distillation term's ĥ, not computed twice
+        else:
+            h_hat = self.approximate_attention(user_state["personal_codebook"], item_state["codes"])
         return self._compose(user_state["vector"], item_state, h_hat)
 
     # -- training -----------------------------------------------------------------------------
@@ -401,41 +429,20 @@ class Tarq(PreRankModel):
         self._apply_pending_codebook_update()
 
     def batch_states(self, batch: dict[str, Tensor]) -> tuple[State, State]:
-        """In training, the states of `encode_user` / `encode_items` with the personalised codebook
-        filled only where the batch's candidates read it: each row attends with its own N·L codeword
-        queries, not all L·K (equal per query, since attention is per query), so `score` gives the
-        serving logits at a fraction of the cost. Codewords no candidate reads stay zero; a codeword
-        read by several candidates of one request is computed once per reader and averaged (equal
-        values, so the mean is the value and each reader's gradient counts once). Outside training,
-        the serving stages.
-
-        Either way: user state {"vector": [B, D], "personal_codebook": [B, L, K, d]} and item state
-        {"vector": [B, N, D], "codes": [B, N, L], "head_key": [B, N, d]} from a batch with item
-        features [B] (N = 1) or [B, N]."""
+        """The states `encode_user` / `encode_items` give (user state as `encode_user` says, item
+        state {"vector": [B, N, D], "codes": [B, N, L], "head_key": [B, N, d]} for item features [B]
+        or [B, N]); in training computed once together with what `auxiliary_losses` needs (the item
+        vectors and residuals, the behaviours), and the codebooks initialised on the first batch."""
         if not self.training:
             return super().batch_states(batch)
         flat, n = self._flat_items(batch)
         if not bool(self.codebooks_ready):
             self.initialise_codebooks(flat)
-        user = self.user_inputs(batch)
-        behaviours, mask = self._behaviours(user)
-        memory = self.student_attention.memory(behaviours, mask)
+        user_state, behaviours, mask = self._user_state(self.user_inputs(batch))
         state, vectors, residuals = self._encode_items(flat)
-        B, (L, K) = len(behaviours), self.codebooks.shape[:2]
-        item_state = {k: v.reshape(B, n, *v.shape[1:]) for k, v in state.items()}
-        codes = state["codes"]  # [B·N, L]
-        all_queries = self._codeword_queries()  # [L, K, H, e]
-        own = all_queries[torch.arange(L, device=codes.device).expand_as(codes), codes]  # [B·N, L, H, e]
-        attended = self.student_attention.attend(own.reshape(B, n * L, *own.shape[-2:]), memory)  # [B, N·L, d]
-        # Row l·K + z_l of each user's flattened [L·K, d] codebook, as `approximate_attention` reads it.
-        slots = (codes + torch.arange(0, L * K, K, device=codes.device)).reshape(B, n * L)
-        users = torch.arange(B, device=codes.device)[:, None].expand_as(slots)
-        total = attended.new_zeros(B, L * K, attended.shape[-1]).index_put((users, slots), attended, accumulate=True)
-        readers = attended.new_zeros(B, L * K).index_put((users, slots), attended.new_ones(slots.shape), accumulate=True)
-        personal = (total / readers.clamp_min(1).unsqueeze(-1)).reshape(B, L, K, -1)
-        self._step = {"flat": flat, "behaviours": behaviours, "mask": mask, "memory": memory, "vectors": vectors,
-                      "residuals": residuals, "queries": all_queries}
-        return {"vector": self._user_vector(user), "personal_codebook": personal}, item_state
+        item_state = {k: v.reshape(len(behaviours), n, *v.shape[1:]) for k, v in state.items()}
+        self._step = {"flat": flat, "behaviours": behaviours, "mask": mask, "vectors": vectors, "residuals": residuals}
+        return user_state, item_state
 
     def auxiliary_losses(self, batch: dict[str, Tensor], user_state: State, item_state: State, logits: Tensor) -> dict[str, Tensor]:
         """The teacher's BCE, the distillation of ĥ onto sg(h_TA), the commitment (and, with
@@ -449,8 +456,8 @@ class Tarq(PreRankModel):
         c = self.config
         B, n, L = *logits.shape, c.levels
         codes = item_state["codes"].reshape(B * n, L)
-        vectors, residuals, memory = step["vectors"], step["residuals"], step["memory"]
-        h_hat = self.approximate_attention(user_state["personal_codebook"], item_state["codes"])
+        vectors, residuals = step["vectors"], step["residuals"]
+        h_hat = step["h_hat"] if "h_hat" in step else self.attend_own_codewords(user_state, item_state["codes"])
         h_ta, ta_logit = self._teacher(user_state["vector"], item_state, vectors, step["flat"], step["behaviours"], step["mask"])
         target = h_ta.detach()
         label = batch[self.schema.label].reshape(ta_logit.shape).to(ta_logit.dtype)
@@ -467,8 +474,8 @@ class Tarq(PreRankModel):
             # All K codewords per level are needed here: the first `align_rows` users of the
             # (shuffled) batch and all their candidates.
             rows = min(c.align_rows, B)
-            keys, values, mask_ = memory
-            personal = self.student_attention.attend(step["queries"].flatten(0, 1), (keys[:rows], values[:rows], mask_[:rows]))
+            memory = tuple(user_state[k][:rows] for k in ("memory_keys", "memory_values", "memory_mask"))
+            personal = self.student_attention.attend(self._codeword_queries().flatten(0, 1), memory)
             personal = personal.reshape(rows, 1, L, c.codebook_size, -1).expand(-1, n, -1, -1, -1).flatten(0, 1)
             sub = rows * n
             losses["align"] = c.align_weight * self._alignment(
