@@ -17,25 +17,6 @@ from prerank.train.two_stage import two_stage_report
 from prerank.train.trainer import Trainer, TrainConfig, evaluate, fit_plan, seed_everything
 
 
-def run_training(
-    data: PreparedData,
-    model_name: str,
-    train_config: TrainConfig,
-    model_overrides: dict | None = None,
-    out_dir: Path | None = None,
-    data_source: dict | None = None,
-    cascade: Cascade | None = None,
-    hybrid: HybridLossConfig | None = None,
-) -> dict:
-    """Train `model_name` on `data`, evaluate the best epoch on validation and test, and return
-    (and, with `out_dir`, write) the metrics. `data_source` records how to reload the data.
-
-    With a `cascade` (built on the same data by `prerank cascade build`), the model trains on its
-    request lists with the hybrid loss (`hybrid`, see `prerank.train.listwise`), early-stops on
-    validation NDCG@10, and the metrics add the test lists' Recall@K / NDCG@K."""
-    return train_and_evaluate(data, model_name, train_config, model_overrides, out_dir, data_source, cascade, hybrid)[0]
-
-
 def train_and_evaluate(
     data: PreparedData,
     model_name: str,
@@ -46,7 +27,14 @@ def train_and_evaluate(
     cascade: Cascade | None = None,
     hybrid: HybridLossConfig | None = None,
 ) -> tuple[dict, PreRankModel]:
-    """`run_training` that also returns the trained model (best epoch)."""
+    """Train `model_name` on `data`, evaluate the best epoch on validation and test, and return
+    (and, with `out_dir`, write) the metrics. `data_source` records how to reload the data.
+
+    With a `cascade` (built on the same data by `prerank cascade build`), the model trains on its
+    request lists with the hybrid loss (`hybrid`, see `prerank.train.listwise`), early-stops on
+    validation NDCG@10, and the metrics add the test lists' Recall@K / NDCG@K.
+
+    Returns (metrics, the trained model at its best epoch); `run_training` returns the metrics alone."""
     seed_everything(train_config.seed)  # the initial weights too follow the seed (and agree across ranks)
     model = create_model(model_name, data.schema, model_overrides)
     mode = "pointwise" if cascade is None else "listwise"
@@ -115,3 +103,8 @@ def train_and_evaluate(
     if out_dir is not None and distributed.context().is_main:
         write_json_atomic(Path(out_dir) / "metrics.json", metrics)
     return metrics, model
+
+
+def run_training(*args, **kwargs) -> dict:
+    """`train_and_evaluate`'s metrics alone (same arguments)."""
+    return train_and_evaluate(*args, **kwargs)[0]
