@@ -340,12 +340,13 @@ class Tarq(PreRankModel):
         codeword queries (module docstring, "Training cost")."""
         return self._user_state(user)[0]
 
-    def attend_own_codewords(self, user_state: State, codes: Tensor) -> Tensor:
+    def attend_own_codewords(self, user_state: State, codes: Tensor, queries: Tensor | None = None) -> Tensor:
         """ĥ computed exactly, in training: each candidate's own L codewords [B, N, L] attend over the
         user's memory (training user state) and are summed -> [B, N, d]; equals `approximate_attention`
-        on the full personalised codebook, since attention is per query."""
+        on the full personalised codebook, since attention is per query. `queries`: the projected
+        codeword queries [L, K, H, e] if already computed this step."""
         B, N, L = codes.shape
-        queries = self._codeword_queries()  # [L, K, H, e]
+        queries = self._codeword_queries() if queries is None else queries
         own = queries[torch.arange(L, device=codes.device).expand_as(codes), codes]  # [B, N, L, H, e]
         memory = (user_state["memory_keys"], user_state["memory_values"], user_state["memory_mask"])
         return self.student_attention.attend(own.reshape(B, N * L, *own.shape[-2:]), memory).reshape(B, N, L, -1).sum(2)
@@ -374,9 +375,9 @@ class Tarq(PreRankModel):
         exactly: `attend_own_codewords`). User state as `encode_user` gives it, item state {"vector": [B, N, D], "codes", "head_key": [B, N, d]};
         pointwise: `mask` is not needed."""
         if self.training:
-            h_hat = self.attend_own_codewords(user_state, item_state["codes"])
-            if self._step is not None:
-                self._step["h_hat"] = h_hat  # the distillation term's ĥ, not computed twice
+            step = self._step or {}
+            h_hat = self.attend_own_codewords(user_state, item_state["codes"], step.get("queries"))
+            step["h_hat"] = h_hat  # the distillation term's ĥ, not computed twice
         else:
             h_hat = self.approximate_attention(user_state["personal_codebook"], item_state["codes"])
         return self._compose(user_state["vector"], item_state, h_hat)
@@ -441,7 +442,9 @@ class Tarq(PreRankModel):
         user_state, behaviours, mask = self._user_state(self.user_inputs(batch))
         state, vectors, residuals = self._encode_items(flat)
         item_state = {k: v.reshape(len(behaviours), n, *v.shape[1:]) for k, v in state.items()}
-        self._step = {"flat": flat, "behaviours": behaviours, "mask": mask, "vectors": vectors, "residuals": residuals}
+        # One projection of the codeword queries per step, for the student's ĥ and the alignment.
+        self._step = {"flat": flat, "behaviours": behaviours, "mask": mask, "vectors": vectors, "residuals": residuals,
+                      "queries": self._codeword_queries()}
         return user_state, item_state
 
     def auxiliary_losses(self, batch: dict[str, Tensor], user_state: State, item_state: State, logits: Tensor) -> dict[str, Tensor]:
@@ -475,7 +478,7 @@ class Tarq(PreRankModel):
             # (shuffled) batch and all their candidates.
             rows = min(c.align_rows, B)
             memory = tuple(user_state[k][:rows] for k in ("memory_keys", "memory_values", "memory_mask"))
-            personal = self.student_attention.attend(self._codeword_queries().flatten(0, 1), memory)
+            personal = self.student_attention.attend(step["queries"].flatten(0, 1), memory)
             personal = personal.reshape(rows, 1, L, c.codebook_size, -1).expand(-1, n, -1, -1, -1).flatten(0, 1)
             sub = rows * n
             losses["align"] = c.align_weight * self._alignment(
