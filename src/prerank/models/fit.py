@@ -10,7 +10,7 @@ Meta Query Module (MQM), early interaction
     Q* = (Q Qᵀ) Q                     query group: parameter-free self-attention, no softmax, no scaling
     k = softmax(e_c Qᵀ / τ)           attention unit: the item's attribute vector e_c against the raw rows of Q
     q̃* = k Q*                         training: soft query, τ annealed from `tau_start` to `tau_end`
-    i*(v) = argmax_i e_c q_iᵀ,        eval / serving: hard query, one integer per item
+    i*(v) = argmax_i e_c q_iᵀ,        eval / serving: hard query, the argmax of the stored logits
     q* = Q*[i*(v)]
     h_seq = Σ_j m_j a_j x_j,          interaction unit: DIN target attention of the query over the
     a_j = MLP([q; x_j; q−x_j; q⊙x_j])   user's behaviour sequence (`prerank.models.layers.TargetAttention`)
