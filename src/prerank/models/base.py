@@ -124,8 +124,10 @@ class PreRankModel(nn.Module):
 
     def batch_states(self, batch: dict[str, Tensor]) -> tuple[State, State]:
         """(user state [B, ...], item state [B, N, ...]) of a batch whose candidates are known. The
-        default runs the serving stages. A model may compute the same states more cheaply when the
-        candidates are known in advance (the contract test checks the scores are equal)."""
+        default runs the serving stages. A model may, in training, compute the same states more
+        cheaply or together with what its `auxiliary_losses` need; outside training an override
+        returns the serving stages (the contract tests check both: `forward` equals the stages'
+        scores in either mode)."""
         return self.encode_user(self.user_inputs(batch)), self.encode_item_lists(self.item_inputs(batch))
 
     def on_training_forward(self) -> None:
@@ -186,8 +188,7 @@ class PreRankModel(nn.Module):
         `batch["mask"]` [B, N]) -> logits [B, N] and, in training, the auxiliary losses."""
         if self.training and torch.is_grad_enabled():
             self.on_training_forward()
-        user_state, item_state = self.batch_states(batch) if self.training else (
-            self.encode_user(self.user_inputs(batch)), self.encode_item_lists(self.item_inputs(batch)))
+        user_state, item_state = self.batch_states(batch)
         mask = batch.get(LIST_MASK)
         logits = self.score(user_state, item_state, mask.bool() if mask is not None else None)
         aux = self.auxiliary_losses(batch, user_state, item_state, logits) if self.training else {}
