@@ -6,7 +6,7 @@ after 3). FIT: one request of 1,000 candidates (encode_user + gather + score; p5
 
     cd TREE && PYTHONPATH=src OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/contract_cost_check.py DATA_DIR CACHE_DIR
 """
-import inspect, json, os, resource, sys, time
+import json, os, sys, time
 import numpy as np
 import torch
 from prerank.data.movielens import load_movielens

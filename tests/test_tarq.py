@@ -6,7 +6,7 @@ import torch
 
 from prerank.data.table import LABEL
 from prerank.models import create_model
-from prerank.models.base import PreRankModel, gather_items
+from prerank.models.base import gather_items
 from prerank.models.tarq import codebook_usage, ema_codebook_step, residual_kmeans, residual_quantize, symmetric_kl
 
 

@@ -18,7 +18,6 @@ import csv
 import json
 import multiprocessing
 import resource
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, field
 from pathlib import Path

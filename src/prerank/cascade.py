@@ -50,7 +50,7 @@ from prerank.config import NonNegativeInt, PositiveInt, Seed, config_dataclass
 from prerank.data.schema import FIRST_KNOWN_INDEX, PAD_INDEX
 from prerank.data.table import GRADE, ITEM_ROW, LABEL, TIMESTAMP, DataError, PreparedData, SampleTable
 from prerank.models.base import PreRankModel
-from prerank.models.scoring import score_requests
+from prerank.models.scoring import item_table, score_requests
 
 SPLITS = ("train", "valid", "test")
 # Furthest stage reached, in cascade order.
@@ -167,8 +167,7 @@ class ModelRetriever:
         if not model.decoupled:
             raise ValueError(f"retriever model {model.name!r} is not decoupled; use a two-tower-like model")
         self.model = model.eval()
-        self.table = model.encode_catalogue(data.items.to_tensors())
-        self.n_items = len(data.item_raw_ids)
+        self.table = item_table(model, data.items.to_tensors())
 
     def scores(self, histories: list[np.ndarray], users: SampleTable) -> np.ndarray:
         return score_requests(self.model, self.table, users.to_tensors(), batch_size=len(users) or 1)
@@ -258,7 +257,7 @@ def build_cascade(data: PreparedData, teacher: PreRankModel, config: CascadeConf
     teacher = teacher.eval()
     n_items = len(data.item_raw_ids)
     retriever = ItemCF(data) if config.retriever == "itemcf" else ModelRetriever(retriever_model, data)
-    teacher_table = teacher.encode_catalogue(data.items.to_tensors())
+    teacher_table = item_table(teacher, data.items.to_tensors())
     n0 = min(config.retrieval_size, n_items)
     width = n0 + config.random_items + config.window
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("request", "split", "source_row", "user", TIMESTAMP, ITEM_ROW,

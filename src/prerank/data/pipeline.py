@@ -36,13 +36,13 @@ spec's own dim or `DEFAULT_EMBED_DIM`, and a model's `embed_dim` option replaces
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 
-from prerank.config import Fraction, NonNegativeInt, PositiveInt, Seed, config_dataclass
+from prerank.config import Fraction, NonNegativeInt, Seed, config_dataclass
 from prerank.data.schema import FIRST_KNOWN_INDEX, OOV_INDEX, PAD_INDEX, DenseScaler, Feature, Kind, Schema, Side
 from prerank.data.table import GRADE, ITEM_ROW, LABEL, TIMESTAMP, PreparedData, SampleTable
 

@@ -219,9 +219,9 @@ class LTTD(PreRankModel):
         the residual extractors, which feed only the LT ("transformer", the TTE frozen)."""
         if self.config.mode == "joint":
             return [TrainingPhase()]
-        tte = {id(p) for p in self.two_tower_parameters()}
-        return [TrainingPhase("two_tower", self.two_tower_parameters()),
-                TrainingPhase("transformer", [p for p in self.parameters() if id(p) not in tte])]
+        tte = self.two_tower_parameters()
+        in_tte = {id(p) for p in tte}
+        return [TrainingPhase("two_tower", tte), TrainingPhase("transformer", [p for p in self.parameters() if id(p) not in in_tte])]
 
     def two_tower_parameters(self) -> list[nn.Parameter]:
         """The TTE's parameters: embeddings, per-field encoders and towers, temperature and bias."""

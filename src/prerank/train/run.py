@@ -49,9 +49,9 @@ def train_and_evaluate(
             return trainer
     else:
         check_cascade_matches(cascade, data)
-        if hybrid is None:
+        if hybrid is None and model.list_objective == "own":
             # A model whose auxiliary losses are its list objective gets the hybrid loss only on request.
-            hybrid = NO_HYBRID if model.list_objective == "own" else HybridLossConfig()
+            hybrid = NO_HYBRID
         train_lists, valid_lists = cascade.lists("train"), cascade.lists("valid")
 
         def fit_phase(phase_dir: Path | None) -> Trainer:
