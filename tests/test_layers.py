@@ -66,3 +66,19 @@ def test_learnable_temperature_is_the_old_clamped_formula():
     assert not fixed.log_inv_temperature.requires_grad and list(fixed.state_dict()) == ["log_inv_temperature"]
     with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
         LearnableTemperature(0.0)
+
+
+def test_folding_batch_norm_keeps_the_eval_forward_and_removes_the_norm_and_dropout_layers():
+    torch.manual_seed(0)
+    mlp = MLP(6, (5, 4, 3), batch_norm=True, dropout=0.2, output_activation=False)
+    for _ in range(3):  # move the running statistics and affine parameters off their initial values
+        mlp(torch.randn(32, 6) * 3 + 1).sum().backward()
+        with torch.no_grad():
+            for p in mlp.parameters():
+                p -= 0.1 * p.grad
+    mlp.eval()
+    x = torch.randn(2, 7, 6)
+    expected = mlp(x)
+    mlp.fold_batch_norm()
+    assert [type(layer).__name__ for layer in mlp.net] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    torch.testing.assert_close(mlp(x), expected, atol=1e-6, rtol=1e-5)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from prerank.config import ConfigError  # noqa: F401  (models import it from here)
 from prerank.config import config_dataclass as validated_config
 from prerank.data.schema import Schema
+from prerank.models.layers import MLP
 from prerank.models.registry import ModelRegistry
 
 State = dict[str, Tensor]
@@ -193,6 +194,18 @@ class PreRankModel(nn.Module):
         logits = self.score(user_state, item_state, mask.bool() if mask is not None else None)
         aux = self.auxiliary_losses(batch, user_state, item_state, logits) if self.training else {}
         return ModelOutput(logits, aux)
+
+    def prepare_for_serving(self) -> None:
+        """Turn this model into its cheapest inference form, once, on a model that will only serve
+        (`load_artifact` calls it on the artifact's model): eval mode, no parameter needs a
+        gradient, and every `MLP`'s BatchNorm folded into its linear layer. A model overriding it
+        (to precompute user-independent constants of `score`, say) calls `super()` first. Scores
+        may change by float rounding only; the model must not be trained afterwards."""
+        self.eval()
+        self.requires_grad_(False)
+        for module in self.modules():
+            if isinstance(module, MLP):
+                module.fold_batch_norm()
 
     @torch.no_grad()
     def encode_catalogue(self, items: dict[str, Tensor], batch_size: int = 8192) -> State:

@@ -146,6 +146,25 @@ class MLP(nn.Module):
         """x [..., in_dim] -> [..., out_dim] (out_dim = hidden[-1], or in_dim with no layers)."""
         return self.net(x)
 
+    @torch.no_grad()
+    def fold_batch_norm(self) -> None:
+        """Inference form, for a model that will only serve: each BatchNorm's running statistics and
+        affine map fold into the linear layer before it, W' = diag(s) W and b' = s (b - mean) + beta
+        with s = gamma / sqrt(var + eps), and the dropout layers (identities in eval) go. Equal to
+        the eval-mode forward up to float rounding; the layer can no longer be trained as before."""
+        folded: list[nn.Module] = []
+        for layer in self.net:
+            if isinstance(layer, _LastDimBatchNorm):
+                linear = folded[-1]
+                scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
+                fused = nn.Linear(linear.in_features, linear.out_features).to(linear.weight.device)
+                fused.weight.copy_(linear.weight * scale[:, None])
+                fused.bias.copy_((linear.bias - layer.running_mean) * scale + layer.bias)
+                folded[-1] = fused
+            elif not isinstance(layer, nn.Dropout):
+                folded.append(layer)
+        self.net = nn.Sequential(*folded)
+
 
 class _LastDimBatchNorm(nn.BatchNorm1d):
     def forward(self, x: Tensor) -> Tensor:

@@ -218,7 +218,7 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True, mm
         raise ArtifactError(f"{path / 'model.json'}: {err}") from None
     model = create_model(spec["model"], schema, spec["model_config"])
     model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
-    model.eval().to(device)
+    model.to(device).prepare_for_serving()
     # Copy-on-write mapping: pages are read from the file on demand and never written back; the
     # arrays are writable in memory, which torch.from_numpy wants.
     mode = "c" if mmap else None
