@@ -18,12 +18,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
+import prerank
 from prerank.data.movielens import load_movielens
 from prerank.data.pipeline import ProtocolConfig
 from prerank.models import REGISTRY, create_model
 from prerank.serve.artifact import export_artifact
-from prerank.serve.bench import bench_serve, write_bench
+from prerank.serve.bench import bench_serve, write_bench, write_summary
 from prerank.serve.loadtest import load_test, write_load
 from prerank.models.checkpoint import load_checkpoint
 
@@ -68,6 +70,9 @@ def main() -> None:
         result = load_test(artifacts / args.load_test, requests=args.requests, concurrency=args.concurrency)
         write_load(result, Path(args.out))
         print(f"load test {args.load_test}: {result}", flush=True)
+    targets = yaml.safe_load((Path(__file__).parent / "serving_targets.yaml").read_text())["cpu_p99_ms"]
+    published = yaml.safe_load((Path(prerank.__file__).parent / "configs" / "published" / "ml-1m.yaml").read_text())["latency_ms"]
+    print(f"summary: {write_summary(Path(args.out), targets, published)}")
 
 
 if __name__ == "__main__":

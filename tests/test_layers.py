@@ -82,3 +82,25 @@ def test_folding_batch_norm_keeps_the_eval_forward_and_removes_the_norm_and_drop
     mlp.fold_batch_norm()
     assert [type(layer).__name__ for layer in mlp.net] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
     torch.testing.assert_close(mlp(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_pooled_lookup_is_the_masked_mean_of_the_embeddings_and_gets_the_same_gradient():
+    from prerank.data.schema import PAD_INDEX
+    from prerank.models.layers import EmbeddingBank
+    from prerank.data.pipeline import ProtocolConfig
+    from prerank.data.synthetic import load_synthetic
+
+    schema = load_synthetic(ProtocolConfig(seq_len=6), n_users=20, n_items=30, events_per_user=10).schema
+    bag = schema.sequence_feature
+    bank = EmbeddingBank(schema, init_std=1.0)
+    ids = torch.randint(1, bag.vocab_size, (2, 3, bag.max_len))
+    ids[0, 0, 2:] = PAD_INDEX
+    ids[1, 2] = PAD_INDEX  # an empty bag pools to zeros
+    pooled = bank.pooled(bag, ids)
+    reference = masked_mean(bank.lookup(bag, ids), ids != PAD_INDEX)
+    torch.testing.assert_close(pooled, reference)
+    assert pooled[1, 2].abs().sum() == 0
+    weight = bank.tables[bag.vocab].weight
+    (grad_pooled,) = torch.autograd.grad(pooled.square().sum(), weight)
+    (grad_reference,) = torch.autograd.grad(reference.square().sum(), weight)
+    torch.testing.assert_close(grad_pooled, grad_reference)

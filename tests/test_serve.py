@@ -377,3 +377,20 @@ def test_an_artifact_without_dense_scalers_fails_to_load(raw_dense_data, tmp_pat
     (tmp_path / "artifact" / "model.json").write_text(json.dumps(spec))
     with pytest.raises(ArtifactError, match=r"model\.json: dense feature 'income' has no scaler .* re-export"):
         load_artifact(tmp_path / "artifact", verify=False)
+
+
+@pytest.mark.parametrize("vocabulary", [[5, 3, 9, 3, 0], [10**12, 7, -4, 7], ["a", "7", "b"], [2, "x", 4]],
+                         ids=["dense integer ids", "sparse integer ids", "strings", "mixed"])
+def test_vectorised_value_index_agrees_with_the_per_value_lookup(vocabulary):
+    from prerank.serve.scorer import ValueIndex
+
+    index = ValueIndex(vocabulary, offset=FIRST_KNOWN_INDEX)
+    queries = [[5, 3, 9, 0, 1, -4, 7, 10**12, 2**40], ["7", "a", "3", "x"], [7.0, 3.0, 2.5], [True, 2, 4], []]
+    for values in queries:
+        expected = [-1 if (found := index.get(v)) is None else found for v in values]
+        assert index.indices(values).tolist() == expected, values
+        assert index.indices(np.array(values, dtype=object)).tolist() == expected, values
+    # The first occurrence of a repeated id wins, as in the dictionary.
+    repeated = next((v for i, v in enumerate(vocabulary) if v in vocabulary[:i]), None)
+    if repeated is not None:
+        assert index.indices([repeated]).tolist() == [vocabulary.index(repeated) + FIRST_KNOWN_INDEX]

@@ -39,6 +39,14 @@ class EmbeddingBank(nn.Module):
         table (d = its `embed_dim`); the padding id embeds to zeros."""
         return self.tables[feature.vocab](ids)
 
+    def pooled(self, feature: Feature, ids: Tensor) -> Tensor:
+        """A bag or sequence of ids [..., S] -> [..., d], the mean of its non-padding embeddings
+        (zeros for an all-padding bag): `masked_mean` of `lookup`, in one embedding-bag op."""
+        table = self.tables[feature.vocab]
+        flat = ids.reshape(-1, ids.shape[-1])
+        pooled = nn.functional.embedding_bag(flat, table.weight, mode="mean", padding_idx=PAD_INDEX)
+        return pooled.reshape(*ids.shape[:-1], pooled.shape[-1])
+
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean over dim -2 of `values` [..., S, d] where `mask` [..., S] is true -> [..., d]; zero for empty rows."""
@@ -92,8 +100,7 @@ class FieldEncoder(nn.Module):
     def embed(self, feature: Feature, ids: Tensor) -> Tensor:
         """One id feature's field: ids [...] -> [..., d]; a bag or sequence [..., S] -> [..., d], the
         mean of its non-padding embeddings."""
-        emb = self.bank.lookup(feature, ids)
-        return masked_mean(emb, ids != PAD_INDEX) if feature.is_bag else emb
+        return self.bank.pooled(feature, ids) if feature.is_bag else self.bank.lookup(feature, ids)
 
     def forward(self, batch: dict[str, Tensor]) -> Fields:
         """Features {name: [...] or [..., S]} with leading dims [...] (e.g. [B], [M]) -> `Fields`:

@@ -215,42 +215,93 @@ def bench_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(directory: Path) -> Path:
-    """OUT/README.md: one row per model from every bench and load-test result in the folder."""
-    rows = []
-    for path in sorted(directory.glob("*.bench.json")):
-        bench = json.loads(path.read_text())
-        at = {row["candidates"]: row["total"] for row in bench["latency"]}
-        load_path = path.with_name(path.name.replace(".bench.json", ".load.json"))
-        load = json.loads(load_path.read_text()) if load_path.exists() else None
-        cpu_at = {row["candidates"]: row["cpu_time"]["total"] for row in bench["latency"]}
-        n1000, cpu1000 = at.get(1000), cpu_at.get(1000)
-        rel = bench["storage"]["relative_to_two_tower"]
-        load_avg = bench["conditions"].get("load_average_1min")
-        rows.append(
-            f"| {bench['model']} | {bench['dataset']} | {bench['conditions']['device']}, {bench['conditions']['torch_threads']} thr"
-            + (f", load {load_avg:.1f} on {bench['conditions']['cpu_count']} CPUs" if load_avg is not None else "") + " | "
-            + (f"{n1000['p50_ms']:.3f} / {n1000['p99_ms']:.3f}" if n1000 else "–") + " | "
-            + (f"{cpu1000['p50_ms']:.3f} / {cpu1000['p99_ms']:.3f}" if cpu1000 else "–")
-            + f" | {bench['storage']['bytes_per_item']:,} | {f'{rel:.2f}×' if rel is not None else '–'} | {bench['num_parameters']:,} | "
-            + (f"{load['throughput_rps']:.0f} rps at concurrency {load['concurrency']}, {load['non_2xx']} non-2xx "
-               f"({load['status_5xx']} 5xx), p99 {load['latency']['p99_ms']:.1f} ms" if load else "–")
-            + " |"
-        )
+def _backend(bench: dict) -> str:
+    return bench.get("backend", "torch")
+
+
+def write_summary(directory: Path, targets: dict[str, float] | None = None, published_ms: dict[str, dict[str, float]] | None = None) -> Path:
+    """OUT/README.md and OUT/latency_vs_candidates.png from every bench and load-test result in the folder.
+
+    One row per model and backend: CPU-time p50 / p99 of the whole request at each N, the candidate
+    stage's CPU time per candidate at the largest N (linear growth keeps it flat), the ratio of the
+    model's CPU-time p50 at N = 1,000 to the reference model's on the same backend, and, where
+    given, `targets` {model: CPU p99 ms at N = 1,000} and `published_ms` {model: {source: ms}}
+    (a paper's latencies, shown as ratios to its reference-model figure)."""
+    benches = [json.loads(p.read_text()) for p in sorted(directory.glob("*.bench.json"))]
+    sizes = sorted({row["candidates"] for b in benches for row in b["latency"]})
+    cpu_total = {(b["model"], _backend(b)): {row["candidates"]: row["cpu_time"]["total"] for row in b["latency"]} for b in benches}
+    reference_p50 = {backend: at[1000]["p50_ms"] for (model, backend), at in cpu_total.items() if model == REFERENCE_MODEL and 1000 in at}
+    published_ref = (published_ms or {}).get(REFERENCE_MODEL, {})
+
+    header = ("| model | backend | " + " | ".join(f"CPU p50 / p99 at N = {n:,} (ms)" for n in sizes)
+              + " | target p99 at 1,000 | candidate stage per candidate at the largest N (µs) | vs Two-Tower (CPU p50, N = 1,000) "
+              "| paper's ratio to Two-Tower | bytes per item | parameters | conditions |")
+    rows = [header, "|---|---|" + "---:|" * len(sizes) + "---:|---:|---:|---|---:|---:|---|"]
+    for b in sorted(benches, key=lambda b: (b["model"], _backend(b))):
+        model, backend, at = b["model"], _backend(b), cpu_total[(b["model"], _backend(b))]
+        cells = [f"{at[n]['p50_ms']:.3f} / {at[n]['p99_ms']:.3f}" if n in at else "–" for n in sizes]
+        target = (targets or {}).get(model)
+        target_cell = "–" if target is None or 1000 not in at else f"{target:g} ms ({'met' if at[1000]['p99_ms'] <= target else 'missed'})"
+        largest = max(b["latency"], key=lambda row: row["candidates"])
+        per_candidate = largest["cpu_time"]["candidate_stage"]["p50_ms"] * 1e3 / largest["candidates"]
+        ratio = f"{at[1000]['p50_ms'] / reference_p50[backend]:.2f}×" if 1000 in at and backend in reference_p50 else "–"
+        paper = ", ".join(f"{source} {ms / published_ref[source]:.2f}×" for source, ms in (published_ms or {}).get(model, {}).items()
+                          if source in published_ref) or "–"
+        c = b["conditions"]
+        load = c.get("load_average_1min")
+        conditions = f"{c['device']}, {c['torch_threads']} thr" + (f", load {load:.1f} on {c['cpu_count']} CPUs" if load is not None else "")
+        rows.append(f"| {model} | {backend} | " + " | ".join(cells) + f" | {target_cell} | {per_candidate:.3f} | {ratio} | {paper} | "
+                    f"{b['storage']['bytes_per_item']:,} | {b['num_parameters']:,} | {conditions} |")
+
+    loads = []
+    for path in sorted(directory.glob("*.load.json")):
+        load = json.loads(path.read_text())
+        loads.append(f"- {path.name}: {load['throughput_rps']:.0f} requests/s at concurrency {load['concurrency']}, "
+                     f"{load['non_2xx']} non-2xx ({load['status_5xx']} 5xx), p99 {load['latency']['p99_ms']:.1f} ms.")
+    datasets = sorted({str(b["dataset"]) for b in benches})
     text = "\n".join([
         "# Serving benchmarks",
         "",
-        "Written by `prerank bench-serve ARTIFACT` and `prerank load-test ARTIFACT` (one file pair per model; "
-        "see each model's .md for every N). Latency: one request, N = 1,000 candidates, user + candidate stage, no HTTP; "
-        "wall clock includes time descheduled on a busy machine (see the load average), CPU time does not.",
+        "Written by `prerank bench-serve ARTIFACT` (one file pair per model and backend; each model's .md has wall "
+        "clock and every stage). One request (B = 1) at a time, user + candidate stage (candidate rows, gathering "
+        "the item states, `score`, the top-k), no HTTP. CPU time of the process: the cost on a core of its own. "
+        f"Dataset: {', '.join(datasets)}.",
         "",
-        "| model | dataset | device | wall p50 / p99 at N = 1,000 (ms) | CPU-time p50 / p99 at N = 1,000 (ms) | bytes per item | vs Two-Tower | parameters | HTTP load test |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
         *rows,
+        "",
+        *(["HTTP (`prerank load-test`):", "", *loads, ""] if loads else []),
+        "![CPU-time p50 per request against the candidate count](latency_vs_candidates.png)",
     ]) + "\n"
     out = directory / "README.md"
     write_text_atomic(out, text)
+    if cpu_total:
+        plot_latency(cpu_total, directory / "latency_vs_candidates.png")
     return out
+
+
+def plot_latency(cpu_total: dict[tuple[str, str], dict[int, dict]], out: Path) -> None:
+    """Log-log CPU-time p50 (whole request) against N, one line per model and backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (model, backend), at in sorted(cpu_total.items()):
+        sizes = sorted(at)
+        ax.plot(sizes, [at[n]["p50_ms"] for n in sizes], marker="o", linestyle="-" if backend == "torch" else "--",
+                label=f"{model} ({backend})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("candidates per request (N)")
+    ax.set_ylabel("CPU time p50 per request (ms), one thread")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)
 
 
 def write_bench(result: dict, out_dir: Path) -> tuple[Path, Path]:

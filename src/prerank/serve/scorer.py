@@ -44,13 +44,31 @@ class UnknownItemsError(RequestError):
 
 class ValueIndex:
     """Raw value -> index. A value also matches by its string form, so JSON clients may send the
-    id 7 as 7 or "7" whatever type the vocabulary holds."""
+    id 7 as 7 or "7" whatever type the vocabulary holds.
+
+    `indices` maps a whole list at once: a list of plain integers against an integer vocabulary
+    goes through a lookup array (ids no larger than a few times the vocabulary) or a binary search,
+    without a Python step per value; anything else takes the per-value dictionary."""
+
+    # A lookup array spans ids 0..max: built only while it costs at most this many entries per value.
+    DENSE_SPAN_PER_VALUE = 8
 
     def __init__(self, values: Sequence, offset: int = 0) -> None:
         self.lookup: dict = {}
         for position, value in enumerate(values):
             self.lookup.setdefault(value, position + offset)
             self.lookup.setdefault(str(value), position + offset)
+        self.dense: np.ndarray | None = None
+        self.sorted_ids: np.ndarray | None = None
+        ids = np.asarray(values) if len(values) else np.zeros(0, dtype=object)
+        if ids.dtype.kind in "iu" and ids.ndim == 1 and len(ids):
+            # The first position of each id, as the dictionary keeps it.
+            unique, first = np.unique(ids, return_index=True)
+            if unique[0] >= 0 and unique[-1] < self.DENSE_SPAN_PER_VALUE * len(ids) + 1024:
+                self.dense = np.full(int(unique[-1]) + 1, -1, dtype=np.int64)
+                self.dense[unique] = first + offset
+            else:
+                self.sorted_ids, self.sorted_index = unique, first + offset
 
     def get(self, value) -> int | None:
         try:
@@ -59,25 +77,17 @@ class ValueIndex:
             return None
         return found if found is not None or isinstance(value, str) else self.lookup.get(str(value))
 
-
-class ItemIndex(ValueIndex):
-    """Raw item id -> catalogue row; integer catalogues also take a vectorised path (searchsorted)."""
-
-    def __init__(self, ids: np.ndarray) -> None:
-        super().__init__(ids.tolist())
-        self.sorted_ids: np.ndarray | None = None
-        if ids.dtype.kind in "iu":
-            self.order = np.argsort(ids, kind="stable")
-            self.sorted_ids = ids[self.order]
-
-    def rows(self, ids: Sequence) -> np.ndarray:
-        """Catalogue row per id, -1 where unknown."""
-        if self.sorted_ids is not None and len(self.sorted_ids):
-            array = np.asarray(ids) if len(ids) else np.zeros(0, dtype=np.int64)
+    def indices(self, values: Sequence | np.ndarray) -> np.ndarray:
+        """Index per value [n] (int64), -1 where unknown."""
+        if (self.dense is not None or self.sorted_ids is not None) and len(values):
+            array = values if isinstance(values, np.ndarray) else np.array(values)
             if array.dtype.kind in "iu" and array.ndim == 1:
+                if self.dense is not None:
+                    inside = (array >= 0) & (array < len(self.dense))
+                    return np.where(inside, self.dense[np.where(inside, array, 0)], -1)
                 at = np.searchsorted(self.sorted_ids, array).clip(max=len(self.sorted_ids) - 1)
-                return np.where(self.sorted_ids[at] == array, self.order[at], -1)
-        return np.fromiter((-1 if (r := self.get(i)) is None else r for i in ids), dtype=np.int64, count=len(ids))
+                return np.where(self.sorted_ids[at] == array, self.sorted_index[at], -1)
+        return np.fromiter((-1 if (found := self.get(v)) is None else found for v in values), dtype=np.int64, count=len(values))
 
 
 @dataclass
@@ -93,9 +103,12 @@ class Scorer:
         self.model = artifact.model
         self.schema = artifact.schema
         self.device = next(iter(artifact.item_table.values())).device
-        self.items = ItemIndex(artifact.item_ids)
+        self.items = ValueIndex(artifact.item_ids.tolist())
         self.sequence = self.schema.sequence_feature
         self.user_features = self.schema.user_features
+        self.user_feature_names = {f.name for f in self.user_features}
+        self.item_feature_names = {f.name for f in self.schema.item_features}
+        self.on_cpu = self.device.type == "cpu"
         missing = sorted({f.vocab for f in self.user_features if f.is_id} - set(artifact.vocabs))
         if missing:
             raise ArtifactError(f"{artifact.path / 'vocabs.json'}: lacks the vocabularies {missing}")
@@ -134,11 +147,20 @@ class Scorer:
             values = []
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             raise RequestError(f"user feature {feature.name!r} takes a list of values, got {values!r}")
-        values = list(values)
         values = values[-feature.max_len :] if keep_last else values[: feature.max_len]
-        codes = [self._index(feature, v) for v in values]
+        try:
+            array = np.array(values) if len(values) else np.zeros(0, dtype=np.int64)
+        except ValueError:  # ragged nesting
+            array = None
+        nested = array is None or array.ndim != 1
+        if not nested and array.dtype == object:
+            nested = any(isinstance(v, (list, tuple, dict)) for v in values)
+        if nested:
+            raise RequestError(f"user feature {feature.name!r} takes a list of single values, got a nested list {values!r}")
+        codes = self.vocab_index[feature.vocab].indices(array if array.dtype.kind in "iu" else values)
+        codes[codes < 0] = OOV_INDEX
         out = np.full(feature.max_len, PAD_INDEX, dtype=np.int64)
-        if codes:
+        if len(codes):
             if keep_last:  # sequences: oldest first, left-padded, most recent last
                 out[feature.max_len - len(codes) :] = codes
             else:  # bags: right-padded, as the pipeline encodes them
@@ -149,8 +171,8 @@ class Scorer:
         """Raw user/context features (and the raw behaviour sequence) -> model inputs with B = 1."""
         if not isinstance(user_features, Mapping):
             raise RequestError(f"user_features must be an object of feature name -> value, got {type(user_features).__name__}")
-        known = {f.name for f in self.user_features}
-        item_side = sorted(set(user_features) & {f.name for f in self.schema.item_features})
+        known = self.user_feature_names
+        item_side = sorted(set(user_features) & self.item_feature_names)
         if item_side:
             raise RequestError(f"{item_side} are item-side features: they come from the item-state table, not the request")
         unexpected = sorted(set(user_features) - known)
@@ -178,7 +200,7 @@ class Scorer:
                 array = self._bag(f, value, keep_last=False)[None, :]
             else:
                 array = f.scaler.apply([self._dense(f, value)])
-            inputs[f.name] = torch.from_numpy(array).to(self.device)
+            inputs[f.name] = torch.from_numpy(array) if self.on_cpu else torch.from_numpy(array).to(self.device)
         return inputs
 
     def candidate_rows(self, candidate_ids: Sequence, on_unknown: OnUnknown = "error") -> tuple[np.ndarray, list]:
@@ -187,7 +209,7 @@ class Scorer:
             raise RequestError(f"on_unknown must be 'error' or 'skip', got {on_unknown!r}")
         if isinstance(candidate_ids, (str, bytes)) or not isinstance(candidate_ids, (Sequence, np.ndarray)):
             raise RequestError(f"candidate ids must be a list, got {type(candidate_ids).__name__}")
-        rows = self.items.rows(candidate_ids)
+        rows = self.items.indices(candidate_ids)
         unknown_at = np.flatnonzero(rows < 0)
         if len(unknown_at) == 0:
             return rows, []
