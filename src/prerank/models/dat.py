@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from prerank.config import NonEmptyStr, NonNegativeFloat, PositiveFloat
 from prerank.data.schema import PAD_INDEX, Kind, Schema, Side
 from prerank.models.base import PreRankModel, State, config_dataclass, register
-from prerank.models.layers import MLP, EmbeddingBank, FieldEncoder, LearnableTemperature, TowerConfig, TowerLayers
+from prerank.models.layers import MLP, EmbeddingBank, FieldEncoder, LearnableTemperature, TowerConfig, TowerLayers, batched_dot
 
 
 @config_dataclass
@@ -131,7 +131,7 @@ class DAT(PreRankModel):
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
         """User state {"vector": [B, D]} and item state {"vector": [B, N, D]} -> logits [B, N] =
         <p_u, p_v> / tau (+ b). Pointwise: `mask` is not needed."""
-        logits = torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"]) * self.similarity_scale()
+        logits = batched_dot(user_state["vector"], item_state["vector"]) * self.similarity_scale()
         return logits + self.bias if self.bias is not None else logits
 
     def auxiliary_losses(self, batch, user_state, item_state, logits) -> dict[str, Tensor]:

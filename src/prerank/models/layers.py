@@ -54,6 +54,12 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * weights).sum(-2) / weights.sum(-2).clamp_min(1.0)
 
 
+def batched_dot(user_vector: Tensor, item_vectors: Tensor) -> Tensor:
+    """User vectors [B, D] and item vectors [B, N, D] -> dot products [B, N], one batched matmul
+    (cheaper per call than the equivalent einsum at serving sizes)."""
+    return torch.bmm(item_vectors, user_vector.unsqueeze(-1)).squeeze(-1)
+
+
 @dataclass
 class Fields:
     """One side's features embedded: `embeddings` [..., F, d] (bags pooled), `dense` [..., n_dense]."""

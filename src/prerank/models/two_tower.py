@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from prerank.config import PositiveFloat
 from prerank.data.schema import Schema
 from prerank.models.base import PreRankModel, State, config_dataclass, register
-from prerank.models.layers import LearnableTemperature, TowerConfig, TowerPair
+from prerank.models.layers import LearnableTemperature, TowerConfig, TowerPair, batched_dot
 
 
 @config_dataclass
@@ -69,5 +69,4 @@ class TwoTower(PreRankModel):
     def score(self, user_state: State, item_state: State, mask: Tensor | None = None) -> Tensor:
         """User state {"vector": [B, D]} and item state {"vector": [B, N, D]} -> logits [B, N] =
         sim / tau + b. Pointwise: `mask` is not needed."""
-        similarity = torch.einsum("bd,bnd->bn", user_state["vector"], item_state["vector"])
-        return similarity * self.similarity_scale() + self.bias
+        return batched_dot(user_state["vector"], item_state["vector"]) * self.similarity_scale() + self.bias
