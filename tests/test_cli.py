@@ -13,9 +13,12 @@ def test_train_writes_metrics_and_evaluate_rescores(tmp_path):
                                  "--embed-dim", "8", "--batch-size", "256", "--set", "hidden=[32, 16]", "--no-progress", "--out", str(out),
                                  "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
+    # --no-progress hides the bars, not the per-epoch lines.
+    assert "epoch 1: loss" in result.output and "epoch 2: loss" in result.output and "(CPU " in result.output
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("model", "dataset", "protocol", "seed", "seconds_per_epoch", "num_parameters"):
         assert key in metrics
+    assert metrics["cpu_seconds_per_epoch"] > 0 and all(h["cpu_seconds"] > 0 for h in metrics["history"])
     assert set(metrics["test"]) >= {"auc", "gauc", "logloss"} and "auc" in metrics["valid"]
     assert metrics["model_config"]["hidden"] == [32, 16]
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(out / "checkpoint.pt")])

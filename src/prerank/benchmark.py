@@ -220,6 +220,8 @@ def aggregate(results: list[dict]) -> list[dict]:
             "rela_impr": _mean_std(impr)[0] if impr else None,
             "rela_impr_std": _mean_std(impr)[1] if impr else None,
             "seconds_per_epoch": _mean_std([r["seconds_per_epoch"] for r in runs])[0],
+            "cpu_seconds_per_epoch": _mean_or_none([r.get("cpu_seconds_per_epoch") for r in runs]),
+            "ranking_eval_seconds": _mean_or_none([r.get("ranking_eval_seconds") for r in runs]),
             "rows_per_second": _mean_std([r["rows_per_second"] for r in runs])[0],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "p50_ms": _mean_std([r["serving"]["p50_ms"] for r in runs])[0],
@@ -257,8 +259,8 @@ def write_reports(results: list[dict], config: BenchmarkConfig, out: Path) -> No
                            "(the user's other positives masked).")
     quality = ["| model | role | seeds | AUC | log loss | GAUC | RelaImpr vs two_tower | " + "".join(f"{c} | " for c in list_columns)
                + "published AUC |", "|---|---|---|---|---|---|---|" + "---|" * len(list_columns) + "---|"]
-    cost = ["| model | s/epoch | train rows/s | peak RSS (MB) | p50 ms | p99 ms | CPU p99 ms | load avg | bytes/item | vs two_tower "
-            "| parameters |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    cost = ["| model | s/epoch | CPU s/epoch | ranking eval s | train rows/s | peak RSS (MB) | p50 ms | p99 ms | CPU p99 ms | load avg "
+            "| bytes/item | vs two_tower | parameters |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         impr = "–" if r["rela_impr"] is None or r["model"] == BASE else f"{r['rela_impr']:+.2f}% ± {r['rela_impr_std']:.2f}"
@@ -266,7 +268,8 @@ def write_reports(results: list[dict], config: BenchmarkConfig, out: Path) -> No
         quality.append(f"| {r['model']} | {r['role']} | {r['seeds']} | {r['auc']:.4f} ± {r['auc_std']:.4f} | "
                        f"{r['logloss']:.4f} ± {r['logloss_std']:.4f} | {r['gauc']:.4f} | {impr} | "
                        + "".join(f"{fmt(r.get(c), '.4f')} | " for c in list_columns) + f"{published} |")
-        cost.append(f"| {r['model']} | {r['seconds_per_epoch']:.1f} | {r['rows_per_second']:,.0f} | {r['peak_rss_mb']:,.0f} | "
+        cost.append(f"| {r['model']} | {r['seconds_per_epoch']:.1f} | {fmt(r['cpu_seconds_per_epoch'], '.1f')} | "
+                    f"{fmt(r['ranking_eval_seconds'], '.1f')} | {r['rows_per_second']:,.0f} | {r['peak_rss_mb']:,.0f} | "
                     f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {fmt(r['cpu_p99_ms'], '.3f')} | {fmt(r['load_average_1min'], '.2f')} | "
                     f"{r['bytes_per_item']:.0f} | {fmt(r['storage_vs_two_tower'], '.2f')}× | "
                     f"{r['num_parameters']:,} |")
@@ -277,7 +280,7 @@ def write_reports(results: list[dict], config: BenchmarkConfig, out: Path) -> No
     (out / "benchmark.md").write_text(markdown)
     for name, columns in (("quality", ["model", "role", "seeds", "auc", "auc_std", "logloss", "logloss_std", "gauc", "rela_impr", "rela_impr_std",
                                        *list_columns]),
-                          ("cost", ["model", "seconds_per_epoch", "rows_per_second", "peak_rss_mb", "p50_ms", "p99_ms",
+                          ("cost", ["model", "seconds_per_epoch", "cpu_seconds_per_epoch", "ranking_eval_seconds", "rows_per_second", "peak_rss_mb", "p50_ms", "p99_ms",
                                     "cpu_p99_ms", "load_average_1min", "bytes_per_item", "storage_vs_two_tower", "num_parameters"])):
         with open(out / f"{name}.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")

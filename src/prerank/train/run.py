@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def train_and_evaluate(
         "best_epoch": trainer.best_epoch,
         "epochs_run": len(trainer.history),
         "seconds_per_epoch": trainer.seconds_per_epoch,
+        "cpu_seconds_per_epoch": trainer.cpu_seconds_per_epoch,
         "rows_per_second": trainer.rows_per_second,
         "train_rows": len(data.train),
         "num_parameters": model.num_parameters(),
@@ -88,10 +90,13 @@ def train_and_evaluate(
         from prerank.train.ranking import ranking_report
 
         spec = data.meta["ranking_eval"]
+        started, cpu_started = time.perf_counter(), time.process_time()
         metrics["test_ranking"] = {
             str(c): ranking_report(model, data, "test", tuple(spec.get("ks", (10, 20))), c, seed=train_config.seed)
             for c in spec.get("candidates", ("full",))
         }
+        metrics["ranking_eval_seconds"] = time.perf_counter() - started
+        metrics["ranking_eval_cpu_seconds"] = time.process_time() - cpu_started
     if cascade is not None:
         metrics["objective"] = {"hybrid": asdict(trainer.loss_config), "cascade": cascade.meta}
         metrics["test_lists"] = evaluate_lists(model, data, cascade.lists("test"))

@@ -52,9 +52,12 @@ class EpochLog:
     epoch: int
     train_loss: float
     valid_auc: float
-    seconds: float
-    rows_per_second: float
+    seconds: float  # wall clock of the epoch's training steps
+    rows_per_second: float  # examples (rows or lists) per wall-clock second
     aux_losses: dict = field(default_factory=dict)
+    # CPU time of the process (all its threads) over the same steps: the cost, free of the time a
+    # busy machine kept the run descheduled, which inflates the wall clock.
+    cpu_seconds: float = 0.0
 
 
 def seed_everything(seed: int) -> None:
@@ -192,7 +195,7 @@ class Trainer:
         stale = 0
         for epoch in range(1, c.epochs + 1):
             self.model.train()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             total, count, term_totals = 0.0, 0, {}
             bar = tqdm(batches(generator), total=n_batches, disable=not progress, desc=f"epoch {epoch}/{c.epochs}", leave=False, unit="batch")
             for batch in bar:
@@ -209,18 +212,18 @@ class Trainer:
                     term_totals[name] = term_totals.get(name, 0.0) + value.item() * examples
                 if progress:
                     bar.set_postfix(loss=f"{total / count:.4f}")
-            seconds = time.perf_counter() - started
+            seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
             if ctx.enabled:
                 names = sorted(term_totals)
                 total, count, *sums = distributed.sum_over_ranks([total, count, *(term_totals[k] for k in names)], ctx, self.device)
                 term_totals = dict(zip(names, sums))
             valid_value = validate()
             log = EpochLog(epoch, total / max(count, 1), valid_value, seconds, count / seconds,
-                           {k: v / max(count, 1) for k, v in term_totals.items()})
+                           {k: v / max(count, 1) for k, v in term_totals.items()}, cpu_seconds)
             self.history.append(log)
-            if progress:
-                tqdm.write(f"epoch {epoch}: loss {log.train_loss:.4f}  {self.metric_name} {valid_value:.4f}  {seconds:.1f}s  "
-                           f"{log.rows_per_second:,.0f} {'rows' if count_key == LABEL else 'lists'}/s")
+            if ctx.is_main:  # the epoch line prints whether or not the bars show
+                tqdm.write(f"epoch {epoch}: loss {log.train_loss:.4f}  {self.metric_name} {valid_value:.4f}  {seconds:.1f}s "
+                           f"(CPU {cpu_seconds:.1f}s)  {log.rows_per_second:,.0f} {'rows' if count_key == LABEL else 'lists'}/s")
             if valid_value > self.best_valid:
                 self.best_valid, self.best_epoch, stale = valid_value, epoch, 0
                 best_state = copy.deepcopy(self.model.state_dict())
@@ -239,6 +242,10 @@ class Trainer:
     @property
     def seconds_per_epoch(self) -> float:
         return float(np.mean([h.seconds for h in self.history])) if self.history else 0.0
+
+    @property
+    def cpu_seconds_per_epoch(self) -> float:
+        return float(np.mean([h.cpu_seconds for h in self.history])) if self.history else 0.0
 
     @property
     def rows_per_second(self) -> float:
