@@ -197,3 +197,41 @@ def test_set_embed_dim_changes_the_model_and_reuses_the_preprocessing_cache(tmp_
     evaluated = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "dim8" / "checkpoint.pt"), "--cache-dir", str(cache)])
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["auc"] == json.loads((tmp_path / "dim8" / "metrics.json").read_text())["test"]["auc"]
+
+
+def _sample_set(data) -> dict[str, set]:
+    """Each split's rows as (raw user, raw item, label, timestamp), ids as text."""
+    from prerank.data.schema import FIRST_KNOWN_INDEX
+    from prerank.data.table import ITEM_ROW, LABEL, TIMESTAMP
+
+    users = data.vocabs[data.schema[data.schema.user_id].vocab]
+    out = {}
+    for name, table in data.splits.items():
+        user_index = table[data.schema.user_id] - FIRST_KNOWN_INDEX
+        assert (user_index >= 0).all()  # every user of these logs is in the train split
+        out[name] = set(zip((str(users[i]) for i in user_index), (str(data.item_raw_ids[r]) for r in table[ITEM_ROW]),
+                            table[LABEL].tolist(), table[TIMESTAMP].tolist()))
+    return out
+
+
+def test_negatives_do_not_depend_on_how_ids_are_read(tmp_path):
+    """The S3-Rec loader reads integer ids; the same events through an own-data YAML are read as
+    text ("10" sorts before "9"): the same seed gives the same sampled rows by either route."""
+    from prerank.data.amazon import load_amazon_beauty
+
+    rng = np.random.default_rng(0)
+    lines, log_rows = [], []
+    for user in range(1, 31):
+        items = rng.choice(np.arange(1, 41), size=int(rng.integers(4, 9)), replace=False)
+        lines.append(" ".join(map(str, [user, *items])))
+        log_rows += [{"user": f"{user}", "item": f"{item}", "time": position} for position, item in enumerate(items)]
+    (tmp_path / "Beauty.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "Beauty_item2attributes.json").write_text("{}")
+    pd.DataFrame(log_rows).to_csv(tmp_path / "log.csv", index=False)
+    (tmp_path / "d.yaml").write_text("name: same events\nfiles: {log: log.csv}\ncolumns: {user_id: user, item_id: item, timestamp: time}\n"
+                                     "negatives: 4\n")
+    protocol = ProtocolConfig(name="leave_last_out", seq_len=4, negatives=4, seed=11)
+    by_loader = _sample_set(load_amazon_beauty(tmp_path, protocol))
+    by_yaml = _sample_set(load_own_data(tmp_path / "d.yaml", protocol))
+    assert by_loader == by_yaml
+    assert sum(1 for row in by_loader["train"] if row[2] == 0) > 100  # the negatives are there

@@ -36,6 +36,8 @@ spec's own dim or `DEFAULT_EMBED_DIM`, and a model's `embed_dim` option replaces
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -156,6 +158,15 @@ def split_leave_last_out(user: np.ndarray) -> np.ndarray:
     return split
 
 
+def stable_keys(values) -> np.ndarray:
+    """A 64-bit key per value [n] (uint64) from its text form, the same whatever type or order the
+    ids arrive in (7 and "7" share a key): what negative sampling orders catalogues and users by."""
+    codes, uniques = pd.factorize(pd.Series(values), sort=False)
+    keys = np.fromiter((int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little") for v in uniques),
+                       dtype=np.uint64, count=len(uniques))
+    return keys[codes]
+
+
 def sample_negatives(log: pd.DataFrame, split: np.ndarray, catalogue: pd.Index, per_positive: int, seed: int
                      ) -> tuple[pd.DataFrame, np.ndarray]:
     """Append `per_positive` label-0 rows per positive row of `log` (sorted by user, time).
@@ -163,19 +174,28 @@ def sample_negatives(log: pd.DataFrame, split: np.ndarray, catalogue: pd.Index, 
     Each negative copies its positive's row (user, timestamp, context, split) with an item drawn
     uniformly from `catalogue` among those the user has no logged event with; a draw that hits
     one is redrawn. Users who interacted with the whole catalogue get no negatives.
+
+    The draw does not depend on how ids are represented or ordered: the catalogue is put in the
+    order of its ids' `stable_keys`, and positives are visited by (user key, timestamp, item key),
+    so the same events under the same seed get the same negatives whether ids were read as
+    numbers or as strings, and whatever order the vocabulary has.
     """
     rng = np.random.default_rng(seed)
     n_items = len(catalogue)
+    canonical = np.argsort(stable_keys(catalogue.to_numpy()), kind="stable")  # canonical position -> catalogue position
     user_code = pd.factorize(log[USER])[0].astype(np.int64)
     item_code = catalogue.get_indexer(log[ITEM]).astype(np.int64)
     seen = np.unique(user_code * n_items + item_code)
-    source = np.repeat(np.flatnonzero(log[LABEL].to_numpy() > 0), per_positive)
-    drawn = rng.integers(0, n_items, size=len(source))
+    positive = np.flatnonzero(log[LABEL].to_numpy() > 0)
+    visit = np.lexsort((stable_keys(log[ITEM].to_numpy()[positive]), log[TIMESTAMP].to_numpy()[positive],
+                        stable_keys(log[USER].to_numpy()[positive])))
+    source = np.repeat(positive[visit], per_positive)
+    drawn = canonical[rng.integers(0, n_items, size=len(source))]
     clash = np.isin(user_code[source] * n_items + drawn, seen)
     for _ in range(100):
         if not clash.any():
             break
-        drawn[clash] = rng.integers(0, n_items, size=int(clash.sum()))
+        drawn[clash] = canonical[rng.integers(0, n_items, size=int(clash.sum()))]
         clash = np.isin(user_code[source] * n_items + drawn, seen)
     source, drawn = source[~clash], drawn[~clash]
     negatives = log.iloc[source].copy()

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 # Part of every cache key: bump it when what a cache holds changes, so old caches are rebuilt
 # rather than read. 2: dense features carry their scaler; embedding dims left the protocol.
-PREPARED_FORMAT = 2
+# 3: sampled negatives are drawn by stable keys of the raw ids (route- and order-independent).
+PREPARED_FORMAT = 3
 
 # Columns every sample table carries beside the schema's features.
 LABEL = "label"
