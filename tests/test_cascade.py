@@ -124,9 +124,13 @@ def test_hybrid_training_moves_the_pre_ranker_towards_the_teacher(name, small_da
     model = create_model(name, small_data.schema, overrides)
     test = cascade.lists("test")
     before = evaluate_lists(model, small_data, test, ks=(10,))["teacher_ndcg@10"]
-    trainer = ListwiseTrainer(model, TrainConfig(epochs=4, batch_size=16, lr=3e-3, patience=4, progress=False),
+    trainer = ListwiseTrainer(model, TrainConfig(epochs=8, batch_size=16, lr=3e-3, patience=8, progress=False),
                               HybridLossConfig())
-    trainer.fit_lists(small_data, cascade.lists("train"), cascade.lists("valid"))
+    # Early stopping watches the training lists: on 120 users the validation NDCG against the real
+    # interactions peaks at epoch 1 or 2 by noise, and restoring that epoch would undo what the
+    # loss did. Held-out agreement with the teacher rose by 0.02-0.08 over seeds 0-3 when checked.
+    train = cascade.lists("train")
+    trainer.fit_lists(small_data, train, train)
     after = evaluate_lists(model, small_data, test, ks=(10,))["teacher_ndcg@10"]
-    assert after > before
+    assert after > before + 0.01
     assert trainer.history[-1].train_loss < trainer.history[0].train_loss

@@ -87,6 +87,27 @@ def test_beauty_leave_last_out_attributes_oov_and_cache(tmp_path):
     np.testing.assert_array_equal(again.train[ITEM_ROW], data.train[ITEM_ROW])
 
 
+def test_any_s3rec_pair_loads_under_its_own_name(tmp_path):
+    lines = ["1 1 2 3 4 5", "2 2 3 4 6", "3 1 3 5 2 4 7", "4 8 1 2"]
+    folder = write_beauty(tmp_path / "s3rec", lines, {"1": [1, 2]})
+    for suffix in (".txt", "_item2attributes.json"):
+        (folder / f"Beauty{suffix}").rename(folder / f"Sports{suffix}")
+    protocol = ProtocolConfig(name="leave_last_out", negatives=1, **SMALL)
+    data = load_dataset("s3rec", folder, protocol)
+    assert data.meta["dataset"] == "s3rec:Sports" and "Sports" in data.meta["dataset_label"]
+    assert "Beauty" not in json.dumps(data.meta)
+    with pytest.raises(DataError, match="file not found"):  # the Beauty loader does not read a renamed copy
+        load_amazon_beauty(folder, protocol)
+    write_beauty(folder, lines[:2], {})
+    with pytest.raises(DataError, match=r"several S3-Rec datasets \(Beauty, Sports\): name one as --dataset s3rec:NAME"):
+        load_dataset("s3rec", folder, protocol)
+    assert load_dataset("s3rec:Beauty", folder, protocol).meta["dataset"] == "s3rec:Beauty"
+    with pytest.raises(DataError, match=r"Toys.txt: file not found"):
+        load_dataset("s3rec:Toys", folder, protocol)
+    with pytest.raises(DataError, match="no S3-Rec dataset"):
+        load_dataset("s3rec", tmp_path, protocol)
+
+
 @pytest.mark.parametrize("lines, attributes, message", [
     (["1 1 2 3", "2 2 x 3"], {}, r"Beauty.txt, line 2: item 2 is not an integer id: 'x'"),
     (["1 1 2 3", "1 2 3"], {}, r"line 2: user 1 appears on an earlier line"),

@@ -105,8 +105,12 @@ def train(
 
             lists = load_cascade(Path(run.cascade))
         # No hybrid options: the default hybrid loss, or a model's own list losses (lttd).
+        source = run.data_source()
+        if str(data.meta.get("dataset", "")).startswith(f"{run.dataset.name}:"):
+            # `s3rec` resolved to the folder's one `s3rec:NAME`: reloading must not depend on the folder staying so.
+            source["dataset"] = data.meta["dataset"]
         metrics = run_training(data, run.model, run.train_config(device, progress), run.model_options, out,
-                               run.data_source(), lists, run.hybrid)
+                               source, lists, run.hybrid)
     from prerank.train.distributed import context as distributed_context
 
     if not distributed_context().is_main:

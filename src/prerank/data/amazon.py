@@ -4,8 +4,9 @@ Both are implicit feedback (every logged review is a positive): training gets sa
 (`ProtocolConfig.negatives`, default 4 per positive) and evaluation adds Recall@K / NDCG@K over
 the full catalogue and over 100 sampled candidates (`prerank.train.ranking`).
 
-- **Beauty 5-core** (`Beauty.txt`: ``user item item ...`` per line in time order, ids from 1;
-  `Beauty_item2attributes.json`: ``{"item": [attribute, ...]}``, category and brand ids mixed).
+- **S3-Rec format**, e.g. Beauty 5-core (`NAME.txt`: ``user item item ...`` per line in time order,
+  ids from 1; `NAME_item2attributes.json`: ``{"item": [attribute, ...]}``, category and brand ids
+  mixed): `amazon-beauty` reads `Beauty.*`, `s3rec` the folder's one pair, `s3rec:NAME` a named one.
   The file has no timestamps: an event's position in its user's line is its time, so
   `leave_last_out` (the S3-Rec split) and `temporal` both apply. Features: user id; item id and
   its attribute bag (item side); the behaviour sequence of earlier items.
@@ -27,7 +28,6 @@ from prerank.data.schema import Kind, Side
 from prerank.data.table import LABEL, TIMESTAMP, DataError, PreparedData, cache_key, cached, file_fingerprint
 
 LOADER_VERSION = 1
-BEAUTY_FILES = ("Beauty.txt", "Beauty_item2attributes.json")
 ELECTRONICS_FILE = "amazon_electronics_sample.csv"
 
 
@@ -81,15 +81,46 @@ def _implicit_meta(label: str, **extra) -> dict:
     return {"dataset_label": label, "implicit": True, "ranking_eval": RANKING_EVAL, **extra}
 
 
+S3REC_ATTRIBUTES_SUFFIX = "_item2attributes.json"
+
+
+def s3rec_names(data_dir: str | Path) -> list[str]:
+    """The NAMEs of a folder's S3-Rec datasets: every `NAME.txt` beside a `NAME_item2attributes.json`."""
+    folder = Path(data_dir)
+    return sorted(p.name[: -len(S3REC_ATTRIBUTES_SUFFIX)] for p in folder.glob(f"*{S3REC_ATTRIBUTES_SUFFIX}")
+                  if (folder / (p.name[: -len(S3REC_ATTRIBUTES_SUFFIX)] + ".txt")).exists())
+
+
+def load_s3rec(data_dir: str | Path, protocol: ProtocolConfig | None = None, cache_dir: str | Path | None = None,
+               name: str | None = None) -> PreparedData:
+    """A dataset in the S3-Rec format (`NAME.txt` sequences + `NAME_item2attributes.json`), as published
+    for Amazon Beauty, Sports, Toys, Yelp, LastFM: `name` picks the pair, or the folder's only pair is
+    used. Runs, metrics and artifacts are labelled with NAME (dataset "s3rec:NAME")."""
+    if name is None:
+        found = s3rec_names(data_dir)
+        if len(found) != 1:
+            raise DataError(f"{data_dir}: " + (f"holds several S3-Rec datasets ({', '.join(found)}): name one as --dataset s3rec:NAME"
+                                               if found else f"no S3-Rec dataset (NAME.txt beside NAME{S3REC_ATTRIBUTES_SUFFIX})"))
+        name = found[0]
+    return _load_s3rec_files(data_dir, protocol, cache_dir, name, dataset=f"s3rec:{name}", label=f"{name} (S3-Rec format)")
+
+
 def load_amazon_beauty(data_dir: str | Path, protocol: ProtocolConfig | None = None,
                        cache_dir: str | Path | None = None) -> PreparedData:
-    protocol = implicit_protocol(protocol, "amazon-beauty")
+    """Amazon Beauty 5-core as S3-Rec publishes it (`Beauty.txt`, `Beauty_item2attributes.json`)."""
+    return _load_s3rec_files(data_dir, protocol, cache_dir, "Beauty", dataset="amazon-beauty", label="Amazon Beauty 5-core")
+
+
+def _load_s3rec_files(data_dir: str | Path, protocol: ProtocolConfig | None, cache_dir: str | Path | None, name: str,
+                      dataset: str, label: str) -> PreparedData:
+    protocol = implicit_protocol(protocol, dataset)
     data_dir = Path(data_dir)
-    paths = [data_dir / name for name in BEAUTY_FILES]
+    files = (f"{name}.txt", f"{name}{S3REC_ATTRIBUTES_SUFFIX}")
+    paths = [data_dir / f for f in files]
     for p in paths:
         if not p.exists():
-            raise DataError(f"{p}: file not found (amazon-beauty needs {' and '.join(BEAUTY_FILES)} in --data-dir)")
-    key = "amazon-beauty-" + cache_key(LOADER_VERSION, [file_fingerprint(p) for p in paths], protocol.__dict__)
+            raise DataError(f"{p}: file not found ({dataset} needs {' and '.join(files)} in --data-dir)")
+    key = f"{dataset.replace(':', '-')}-" + cache_key(LOADER_VERSION, [file_fingerprint(p) for p in paths], protocol.__dict__)
 
     def build() -> PreparedData:
         log = read_sequences(paths[0])
@@ -104,8 +135,8 @@ def load_amazon_beauty(data_dir: str | Path, protocol: ProtocolConfig | None = N
             FeatureSpec("item_id", Side.ITEM, Kind.CATEGORICAL),
             FeatureSpec("attributes", Side.ITEM, Kind.MULTI_CATEGORICAL),
         ]
-        return build_samples(log, users, items, features, protocol, dataset="amazon-beauty",
-                             meta=_implicit_meta("Amazon Beauty 5-core", timestamps="position in the user's sequence"))
+        return build_samples(log, users, items, features, protocol, dataset=dataset,
+                             meta=_implicit_meta(label, timestamps="position in the user's sequence", source_files=[str(p) for p in paths]))
 
     return cached(Path(cache_dir) if cache_dir else None, key, build)
 

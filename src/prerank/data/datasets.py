@@ -8,8 +8,8 @@ from pathlib import Path
 from prerank.data.pipeline import ProtocolConfig
 from prerank.data.table import PreparedData
 
-DATASETS = ("ml-1m", "synthetic", "synthetic-ml1m-scale", "amazon-beauty", "amazon-electronics", "taobao-userbehavior",
-            "taobao-ad", "PATH.yaml (your own data)")
+DATASETS = ("ml-1m", "synthetic", "synthetic-ml1m-scale", "amazon-beauty", "s3rec[:NAME]", "amazon-electronics",
+            "taobao-userbehavior", "taobao-ad", "PATH.yaml (your own data)")
 # Generated data with the shape of the full MovieLens-1M release (6,040 users, 3,706 rated movies,
 # about 1M events): for memory and speed measurements at full scale where the real file is absent.
 ML1M_SCALE = {"n_users": 6040, "n_items": 3706, "events_per_user": 166}
@@ -45,6 +45,12 @@ def load_dataset(
         from prerank.data.owndata import load_own_data
 
         return load_own_data(name, protocol, cache_dir)
+    if name == "s3rec" or str(name).startswith("s3rec:"):
+        from prerank.data.amazon import load_s3rec
+
+        if data_dir is None:
+            raise ValueError("dataset 's3rec' needs --data-dir (the folder with NAME.txt and NAME_item2attributes.json)")
+        return load_s3rec(data_dir, protocol, cache_dir, str(name).partition(":")[2] or None)
     public = _public_loaders()
     if name in public:
         if data_dir is None:
