@@ -77,7 +77,9 @@ def _topk(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _check_lists(scores, relevance, mask):
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.asarray(scores)
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)  # float32 scores stay float32: the same order, half the memory
     relevance = np.asarray(relevance, dtype=np.float64)
     if scores.ndim != 2 or scores.shape != relevance.shape:
         raise ValueError(f"scores and relevance must be [requests, candidates] of one shape: {scores.shape} vs {relevance.shape}")
@@ -88,30 +90,61 @@ def _check_lists(scores, relevance, mask):
     return scores, relevance
 
 
+def ranking_metrics(scores, relevance, ks=(10,), mask=None) -> dict[str, np.ndarray]:
+    """Per request [R]: "recall@k" and "ndcg@k" (`top_k_metrics`) for every k of `ks`, from one
+    top-max(ks) of the scores [R, N] with relevance [R, N]; `mask` [R, N] drops candidates."""
+    scores, relevance = _check_lists(scores, relevance, mask)
+    top = _topk(scores, max(ks))
+    width = top.shape[1]
+    # The ideal list: the largest relevances, found without sorting every candidate.
+    ideal = np.partition(-relevance, width - 1, axis=1)[:, :width] if width < relevance.shape[1] else -relevance
+    return top_k_metrics(np.take_along_axis(relevance, top, axis=1), -np.sort(ideal, axis=1),
+                         (relevance > 0).sum(1), ks)
+
+
+def top_k_metrics(top_relevance, ideal_relevance, n_relevant, ks=(10,)) -> dict[str, np.ndarray]:
+    """Per request [R]: "recall@k" = |top-k ∩ relevant| / |relevant| (relevance > 0) and "ndcg@k"
+    with gains 2^rel - 1 and discount log2(rank + 1), for every k of `ks`; NaN for a request
+    without a relevant item.
+
+    `top_relevance` [R, K]: the relevance of each request's K best-scored candidates, best first;
+    `ideal_relevance` [R, K]: its K largest relevances, largest first (zero-padded); `n_relevant`
+    [R]: how many of its candidates are relevant. A k above K reads as K (the list is shorter)."""
+    top_relevance = np.asarray(top_relevance, dtype=np.float64)
+    ideal_relevance = np.asarray(ideal_relevance, dtype=np.float64)
+    n_relevant = np.asarray(n_relevant)
+    width = top_relevance.shape[1]
+    if ideal_relevance.shape != top_relevance.shape or n_relevant.shape != top_relevance.shape[:1]:
+        raise ValueError(f"top [R, K] {top_relevance.shape}, ideal [R, K] {ideal_relevance.shape} and "
+                         f"n_relevant [R] {n_relevant.shape} disagree")
+    discounts = 1.0 / np.log2(np.arange(2, width + 2))
+    hits = np.cumsum(top_relevance > 0, axis=1)
+    dcg = np.cumsum((np.power(2.0, top_relevance) - 1.0) * discounts, axis=1)
+    ideal = np.cumsum((np.power(2.0, ideal_relevance) - 1.0) * discounts, axis=1)
+    out: dict[str, np.ndarray] = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for k in ks:
+            last = min(k, width) - 1
+            out[f"recall@{k}"] = np.where(n_relevant > 0, hits[:, last] / n_relevant, np.nan)
+            out[f"ndcg@{k}"] = np.where(ideal[:, last] > 0, dcg[:, last] / ideal[:, last], np.nan)
+    return out
+
+
+def _mean_over_relevant(values: np.ndarray, name: str) -> float:
+    kept = values[~np.isnan(values)]
+    if not len(kept):
+        raise ValueError(f"{name} needs at least one request with a relevant item")
+    return float(kept.mean())
+
+
 def recall_at_k(scores, relevance, k: int, mask=None) -> float:
     """Mean over requests with any relevant item of |top-k ∩ relevant| / |relevant| (relevance > 0)."""
-    scores, relevance = _check_lists(scores, relevance, mask)
-    relevant = relevance > 0
-    n_relevant = relevant.sum(1)
-    keep = n_relevant > 0
-    if not keep.any():
-        raise ValueError("Recall@K needs at least one request with a relevant item")
-    hits = np.take_along_axis(relevant, _topk(scores, k), axis=1).sum(1)
-    return float(np.mean(hits[keep] / n_relevant[keep]))
+    return _mean_over_relevant(ranking_metrics(scores, relevance, (k,), mask)[f"recall@{k}"], "Recall@K")
 
 
 def ndcg_at_k(scores, relevance, k: int, mask=None) -> float:
     """Mean NDCG@K with gains 2^rel - 1 and discount log2(rank + 1), over requests with any gain."""
-    scores, relevance = _check_lists(scores, relevance, mask)
-    gains = np.power(2.0, relevance) - 1.0
-    top = _topk(scores, k)
-    discounts = 1.0 / np.log2(np.arange(2, top.shape[1] + 2))
-    dcg = (np.take_along_axis(gains, top, axis=1) * discounts).sum(1)
-    ideal = (-np.sort(-gains, axis=1)[:, : top.shape[1]] * discounts).sum(1)
-    keep = ideal > 0
-    if not keep.any():
-        raise ValueError("NDCG@K needs at least one request with a relevant item")
-    return float(np.mean(dcg[keep] / ideal[keep]))
+    return _mean_over_relevant(ranking_metrics(scores, relevance, (k,), mask)[f"ndcg@{k}"], "NDCG@K")
 
 
 def pointwise_report(labels, probabilities, groups) -> dict[str, float]:

@@ -6,7 +6,7 @@
       name: two_tower
       options: {hidden: [256, 128], embed_dim: 32}      # the model's config keys
     training: {epochs: 10, batch_size: 2048, lr: 0.001, weight_decay: 0.0, patience: 3, seed: 2022,
-               num_threads: null, eval_batch_size: 16384, max_grad_norm: null}
+               num_threads: null, eval_batch_size: 16384, max_grad_norm: null, eval_candidates: dataset}
     cascade: null      # a `prerank cascade build` file: train on its request lists with the hybrid loss
     hybrid: {}         # hybrid-loss options (needs cascade), e.g. {distill_weight: 0.5}
 

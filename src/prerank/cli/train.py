@@ -20,7 +20,7 @@ FLAG_KEYS = {
     "model": ("model", "name"), "embed_dim": ("model", "options", "embed_dim"),
     "epochs": ("training", "epochs"), "batch_size": ("training", "batch_size"), "lr": ("training", "lr"),
     "patience": ("training", "patience"), "seed": ("training", "seed"), "threads": ("training", "num_threads"),
-    "cascade": ("cascade",),
+    "eval_candidates": ("training", "eval_candidates"), "cascade": ("cascade",),
 }
 
 
@@ -74,6 +74,8 @@ def train(
     hybrid: list[str] = typer.Option([], "--hybrid", help="hybrid-loss override key=value, e.g. distill_weight=0 (with --cascade)"),
     out: Path = typer.Option(Path("runs/latest"), help="output folder: metrics.json, checkpoint.pt, run.yaml"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    eval_candidates: str = typer.Option("dataset", help="top-K test ranking of implicit datasets: full (the catalogue), "
+                                        "sampled (the dataset's 100 sampled items), sampled:N, none, or dataset (both)"),
     print_config: bool = typer.Option(False, "--print-config", help="print the run config (YAML) this would train and exit"),
 ) -> None:
     """Train one model and write OUT/metrics.json, OUT/checkpoint.pt and OUT/run.yaml (which reruns it).
@@ -86,7 +88,7 @@ def train(
         layers = [read_run_file(config)] if config is not None else []
         flags = dict(dataset=dataset, data_dir=data_dir, ratings_file=ratings_file, protocol=protocol, seq_len=seq_len,
                      negatives=negatives, model=model, embed_dim=embed_dim, epochs=epochs, batch_size=batch_size, lr=lr,
-                     patience=patience, seed=seed, threads=threads, cascade=cascade)
+                     patience=patience, seed=seed, threads=threads, eval_candidates=eval_candidates, cascade=cascade)
         given = {flag: value for flag, value in flags.items() if given_on_command_line(ctx, flag)}
         if "@" in given.get("model", ""):
             layers.append(read_variant(given.pop("model")))
@@ -122,6 +124,9 @@ def train(
     )
     for report in metrics.get("test_ranking", {}).values():
         typer.echo(f"  test top-K over {report['candidates']}: " + "  ".join(f"{k} {v:.4f}" for k, v in report.items() if "@" in k))
+    if "ranking_eval_seconds" in metrics:
+        typer.echo(f"  test ranking of {next(iter(metrics['test_ranking'].values()))['requests']:,} users: "
+                   f"{metrics['ranking_eval_seconds']:.1f} s ({metrics['ranking_eval_cpu_seconds']:.1f} s CPU)")
     if "test_lists" in metrics:
         typer.echo("  test cascade lists: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics["test_lists"].items() if "@" in k and "teacher" not in k))
     run.write(out / "run.yaml", f"The run in this folder, written by `prerank train`; rerun it with\n  prerank train --config {out / 'run.yaml'} --out DIR")

@@ -14,6 +14,7 @@ from prerank.train import distributed
 from prerank.models.checkpoint import save_checkpoint
 from prerank.train.listwise import ListwiseTrainer, evaluate_lists
 from prerank.train.losses import NO_HYBRID, HybridLossConfig
+from prerank.train.ranking import ranking_candidates, ranking_report
 from prerank.train.two_stage import two_stage_report
 from prerank.train.trainer import Trainer, TrainConfig, evaluate, fit_plan, seed_everything
 
@@ -85,15 +86,15 @@ def train_and_evaluate(
         "model_config": config_to_dict(model.config),
         "history": [h.__dict__ for h in trainer.history],
     }
-    if data.meta.get("ranking_eval"):
+    spec = data.meta.get("ranking_eval")
+    candidates = ranking_candidates(train_config.eval_candidates, spec.get("candidates", ["full"])) if spec else []
+    if candidates:
         # Implicit-feedback datasets are judged by top-K over candidate sets (see train/ranking.py).
-        from prerank.train.ranking import ranking_report
-
-        spec = data.meta["ranking_eval"]
         started, cpu_started = time.perf_counter(), time.process_time()
         metrics["test_ranking"] = {
-            str(c): ranking_report(model, data, "test", tuple(spec.get("ks", (10, 20))), c, seed=train_config.seed)
-            for c in spec.get("candidates", ("full",))
+            str(c): ranking_report(model, data, "test", tuple(spec.get("ks", (10, 20))), c, seed=train_config.seed,
+                                   progress=train_config.progress)
+            for c in candidates
         }
         metrics["ranking_eval_seconds"] = time.perf_counter() - started
         metrics["ranking_eval_cpu_seconds"] = time.process_time() - cpu_started

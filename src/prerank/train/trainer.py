@@ -16,11 +16,12 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -30,6 +31,9 @@ from prerank.metrics import auc, pointwise_report
 from prerank.models.base import PreRankModel
 from prerank.train import distributed
 from prerank.models.checkpoint import save_checkpoint
+
+
+EvalCandidates = Annotated[str, Field(pattern=r"^(dataset|full|sampled(:[1-9][0-9]*)?|none)$")]
 
 
 @config_dataclass
@@ -45,6 +49,9 @@ class TrainConfig:
     num_threads: PositiveInt | None = None
     progress: bool = True
     max_grad_norm: PositiveFloat | None = None
+    # Top-K evaluation of implicit datasets (train/ranking.py, `ranking_candidates`): "dataset"
+    # keeps the dataset's own candidate sets (the full catalogue and 100 sampled items).
+    eval_candidates: EvalCandidates = "dataset"
 
 
 @dataclass

@@ -17,7 +17,7 @@ from prerank.data.table import PreparedData
 from prerank.latency import time_request_stages
 from prerank.metrics import ndcg_at_k, recall_at_k, upqe_report
 from prerank.models.base import PreRankModel, State, gather_items
-from prerank.models.scoring import item_table, score_requests
+from prerank.models.scoring import item_table, score_requests, two_stage_scorer
 from prerank.train.listwise import list_report, score_lists
 
 
@@ -26,17 +26,7 @@ def score_two_stage(model: PreRankModel, data: PreparedData, lists: CascadeLists
     """(first-stage logits [R, N] over every candidate, pipeline scores [R, N]: the full score of
     the first stage's top-k survivors, -inf for the dropped candidates and the padding)."""
     coarse_parts: list[np.ndarray] = []
-
-    def pipeline(model: PreRankModel, user_state: State, item_state: State, mask: torch.Tensor | None) -> torch.Tensor:
-        coarse = model.coarse_score(user_state, item_state).masked_fill(~mask, float("-inf"))
-        top = coarse.topk(min(k, coarse.shape[1]), dim=1).indices
-        survivors = mask.gather(1, top)
-        kept = {key: value.gather(1, top.reshape(*top.shape, *([1] * (value.dim() - 2))).expand(-1, -1, *value.shape[2:]))
-                for key, value in item_state.items()}
-        fine = model.score(user_state, kept, survivors).masked_fill(~survivors, float("-inf"))
-        coarse_parts.append(coarse.float().cpu().numpy())
-        return torch.full_like(coarse, float("-inf")).scatter(1, top, fine)
-
+    pipeline = two_stage_scorer(k, lambda coarse: coarse_parts.append(coarse.float().cpu().numpy()))
     users = data.splits[lists.split].subset(lists.source_rows).to_tensors()
     final = score_requests(model, item_table(model, data.items.to_tensors()), users, lists.item_rows, lists.mask,
                            batch_size, pipeline)
