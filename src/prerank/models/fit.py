@@ -302,7 +302,11 @@ class FIT(PreRankModel):
         if not self.config.use_mqm:
             user_heads = user_state["heads"].expand(-1, candidates, -1, -1)
         elif not self.training:  # serving: the user-state row of the item's hard query
-            user_heads = torch.take_along_dim(user_state["heads"], self.meta_index(item_state)[..., None, None], dim=1)
+            heads = user_state["heads"]  # [B, num_meta, H_u, p]
+            # One row lookup in the flattened [B·num_meta] states: take_along_dim's broadcast index
+            # cost more than the similarity itself.
+            rows = self.meta_index(item_state) + torch.arange(len(heads), device=heads.device)[:, None] * heads.shape[1]
+            user_heads = heads.flatten(0, 1)[rows]
         else:
             weights = (item_state["selection_logits"] / self.temperature()).softmax(-1)  # k [B, N, num_meta]
             if self.config.soft_selection == "output":  # mix the N hard-query user states
