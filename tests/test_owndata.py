@@ -85,6 +85,7 @@ def test_sequence_column_and_inttower_protocol(tmp_path):
     (lambda log: log.assign(t=log["t"].astype(str).where(log.index != 2, "soon")),
      r"log.csv, line 4: column 't' is neither Unix seconds nor a date-time: 'soon'"),
     (lambda log: log.assign(u=log["u"].where(log.index != 7, None)), r"log.csv, line 9: column 'u' is empty"),
+    (lambda log: log.assign(t=log["t"].where(log.index != 3, 1020.5)), r"log.csv, line 5: column 't' is not an integer: '1020.5'"),
     (lambda log: log.drop(columns=["dev"]), r"feature 'dev': context column 'dev' is not in log.csv"),
 ])
 def test_bad_log_values_name_file_line_and_column(tmp_path, mutate, message):
@@ -92,6 +93,19 @@ def test_bad_log_values_name_file_line_and_column(tmp_path, mutate, message):
     path = write_own(tmp_path, mutate(toy_log()), BASE, users, items)
     with pytest.raises(DataError, match=message):
         check_own_data(path)
+
+
+def test_timestamps_are_only_ordered_positions_in_a_sequence_split_as_seconds_do(tmp_path):
+    users, items = toy_tables()
+    log = toy_log()
+    as_seconds = load_own_data(write_own(tmp_path / "seconds", log, BASE, users, items), ProtocolConfig(**SMALL))
+    positions = log.assign(t=log.groupby("u").cumcount() + 1)  # 1, 2, 3, ... within each user
+    as_positions = load_own_data(write_own(tmp_path / "positions", positions, BASE, users, items), ProtocolConfig(**SMALL))
+    for name in ("train", "valid", "test"):
+        a, b = as_seconds.splits[name], as_positions.splits[name]
+        assert len(a) == len(b)
+        for column in ("user_id", "item_id", "label", "hist_items"):
+            np.testing.assert_array_equal(a[column], b[column])
 
 
 def test_bad_attribute_tables_and_config(tmp_path):

@@ -8,7 +8,8 @@
     columns:
       user_id: user_id
       item_id: item_id
-      timestamp: ts                 # Unix seconds or date-times
+      timestamp: ts                 # integers (Unix seconds, ms, or sequence positions) or date-times:
+                                    # only their order is used
       label: clicked                # 0/1; omit for implicit feedback (every row a positive)
       label_threshold: null         # numeric label column: positive if value >= threshold
       grade: null                   # optional graded relevance (integers)

@@ -134,9 +134,11 @@ def to_numbers(located: Located, column: str, integer: bool = True, allow_empty:
 
 
 def to_timestamps(located: Located, column: str) -> np.ndarray:
-    """Unix seconds as integers, or date-time strings ('YYYY-MM-DD HH:MM:SS', ISO 8601) -> seconds."""
+    """Integers (Unix seconds, or any ordered positions; '1000.0' is 1000), or date-time strings
+    ('YYYY-MM-DD HH:MM:SS', ISO 8601) -> seconds. A column of numbers with a fraction is an error
+    naming its first such row."""
     raw = located.frame[column]
-    if pd.api.types.is_numeric_dtype(raw) or raw.astype(str).str.fullmatch(r"-?\d+").all():
+    if pd.api.types.is_numeric_dtype(raw) or pd.to_numeric(raw, errors="coerce").notna().all():
         return to_numbers(located, column)
     parsed = pd.to_datetime(raw, errors="coerce", format="mixed")
     if parsed.isna().any():
