@@ -20,11 +20,12 @@ from prerank.run_config import variant_names
 from prerank.train.losses import HybridLossConfig
 from prerank.train.trainer import TrainConfig
 
-# Each model's default config as it was before the tower fields moved into `TowerConfig`.
+# Each model's default config as it was before the tower fields moved into `TowerConfig` (DAT's last_relu
+# since turned off on purpose: models/dat.py).
 DEFAULTS = {
     "cold": {"hidden": (1024, 512, 256, 128, 64), "activation": "relu", "batch_norm": True, "dropout": 0.0, "se": "concat",
              "cross": "product", "groups": None, "linear_log": False, "linear_part": False, "embed_init_std": 0.01},
-    "dat": {"hidden": (256, 128, 32), "activation": "relu", "batch_norm": False, "dropout": 0.0, "last_relu": True,
+    "dat": {"hidden": (256, 128, 32), "activation": "relu", "batch_norm": False, "dropout": 0.0, "last_relu": False,
             "temperature": 0.05, "learn_temperature": True, "output_bias": True, "mimic_user_weight": 0.5,
             "mimic_item_weight": 0.5, "category_weight": 1.0, "category_feature": "auto", "multi_category": "first",
             "embed_init_std": 0.01},

@@ -27,7 +27,11 @@ Readings we chose where the paper is silent (config options):
   last layer the cosine lies in [0, 1] and the probability in [0.5, 0.73]. Our default is a
   learnable temperature (initial 0.05) and a bias, as for our Two-Tower; `temperature=1,
   learn_temperature=False` is the IntTower repository's cos x gamma + b with gamma = 1.
-- `last_relu`: the paper applies ReLU to the last layer too (kept by default).
+- `last_relu`: the paper applies ReLU to the last layer too; we do not by default. With sampled
+  negatives (4 per positive on Amazon Beauty) the towers learn to put users and items on
+  disjoint ReLU supports, where every cosine is 0 and the dead units pass no gradient: one epoch
+  on a quarter of Beauty's training rows ended at valid AUC 0.5000 with 12 and 13 of 32 output
+  units ever active, against 0.659 without the last ReLU. `last_relu: true` is the paper's tower.
 - "[.]^2" of a vector: squared L2 norm summed over dims, averaged over the T rows.
 - Negatives: the paper samples S random items per positive; our harness trains on the logged
   labelled rows (ML-1M: explicit negatives), like every other model here.
@@ -63,7 +67,7 @@ from prerank.models.layers import MLP, EmbeddingBank, FieldEncoder, LearnableTem
 class DATConfig(TowerConfig):
     hidden: TowerLayers = (256, 128, 32)
     batch_norm: bool = False
-    last_relu: bool = True
+    last_relu: bool = False  # the paper's towers end in a ReLU (module docstring)
     temperature: PositiveFloat = 0.05
     learn_temperature: bool = True
     output_bias: bool = True
@@ -185,7 +189,13 @@ def category_alignment_loss(vectors: Tensor, membership: Tensor) -> Tensor:
         return vectors.sum() * 0.0
     membership, counts = membership[:, kept], counts[kept]
     means = membership.T @ vectors / counts[:, None]  # [K, d]
-    second = torch.einsum("bk,bi,bj->kij", membership, vectors, vectors)
+    # Second moments from the (row, category) pairs alone: a row is in one category or a few, so a
+    # dense [B, K] x [B, d, d] contraction spends nearly all its work on zeros (on Amazon Beauty's
+    # 443 first attributes it cost more than the rest of the training step).
+    rows, categories = membership.nonzero(as_tuple=True)
+    weight = membership[rows, categories][:, None, None]
+    second = vectors.new_zeros(membership.shape[1], vectors.shape[1], vectors.shape[1]).index_add_(
+        0, categories, weight * vectors[rows, :, None] * vectors[rows, None, :])
     cov = (second - counts[:, None, None] * torch.einsum("ki,kj->kij", means, means)) / (counts[:, None, None] - 1)
     major = int(torch.argmax(counts))
     return (cov - cov[major]).pow(2).sum((-1, -2)).sum()
