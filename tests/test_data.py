@@ -61,7 +61,12 @@ def test_malformed_lines_name_file_line_and_problem(tmp_path):
     lines = ml_ratings()
     lines[4] = "1::2::five::1004"
     folder = write_ml(tmp_path / "bad", lines)
-    with pytest.raises(DataError, match=r"ratings.dat, line 5: field 'rating' is not a number: 'five'"):
+    with pytest.raises(DataError, match=r"ratings.dat, line 5: field 'rating' is not an integer: 'five'"):
+        load_movielens(folder)
+    lines = ml_ratings()
+    lines[3] = "1::2::4.7::1003"  # not a star rating: it must not train as a 4
+    folder = write_ml(tmp_path / "fraction", lines)
+    with pytest.raises(DataError, match=r"ratings.dat, line 4: field 'rating' is not an integer: '4.7'"):
         load_movielens(folder)
     lines = ml_ratings()
     lines[2] = "1::2::5"
@@ -210,5 +215,5 @@ def test_schema_validates_and_round_trips():
 def test_read_double_colon_reports_non_numbers(tmp_path):
     path = tmp_path / "x.dat"
     path.write_text("1::a\nb::c\n")
-    with pytest.raises(DataError, match=r"x.dat, line 2: field 'id' is not a number: 'b'"):
+    with pytest.raises(DataError, match=r"x.dat, line 2: field 'id' is not an integer: 'b'"):
         read_double_colon(path, ["id", "name"], ["id"])

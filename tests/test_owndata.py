@@ -108,11 +108,65 @@ def test_timestamps_are_only_ordered_positions_in_a_sequence_split_as_seconds_do
             np.testing.assert_array_equal(a[column], b[column])
 
 
+def test_an_infinite_dense_value_is_an_error_not_a_zeroed_feature(tmp_path):
+    users, items = toy_tables()
+    items = items.assign(price=items["price"].astype(str).where(items.index != 2, "inf"))
+    path = write_own(tmp_path, toy_log(), BASE, users, items)
+    with pytest.raises(DataError, match=r"items.csv, line 4: column 'price' \(dense feature 'price'\) is not a finite number: 'inf'"):
+        check_own_data(path)
+    result = runner.invoke(app, ["data", "check", str(path)])
+    assert result.exit_code == 2 and "is not a finite number" in result.output and "Traceback" not in result.output
+
+
+def test_a_file_in_another_encoding_names_its_line_and_reads_with_files_encoding(tmp_path):
+    users, items = toy_tables()
+    path = write_own(tmp_path, toy_log(), BASE, users, items)
+    text = (tmp_path / "items.csv").read_text().replace("i3,b", "i3,bé")
+    (tmp_path / "items.csv").write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError, match=r"items.csv, line 5: byte b'\\xe9' at column \d+ is not utf-8 text.*files.encoding"):
+        check_own_data(path)
+    result = runner.invoke(app, ["data", "check", str(path)])
+    assert result.exit_code == 2 and "items.csv, line 5" in result.output and "Traceback" not in result.output
+    path.write_text(BASE.replace("items: items.SUFFIX}", "items: items.SUFFIX, encoding: latin-1}").replace("SUFFIX", "csv"))
+    data = load_own_data(path, ProtocolConfig(**SMALL))
+    assert "bé" in data.vocabs["brand"]
+    path.write_text(BASE.replace("items: items.SUFFIX}", "items: items.SUFFIX, encoding: klingon}").replace("SUFFIX", "csv"))
+    with pytest.raises(DataError, match="unknown text encoding 'klingon'"):
+        check_own_data(path)
+
+
+def test_duplicated_log_rows_warn_with_their_count_or_are_dropped(tmp_path):
+    from prerank.data.owndata import DuplicateRowsWarning
+
+    users, items = toy_tables()
+    log = toy_log()
+    doubled = pd.concat([log, log.iloc[[3, 3, 10]]], ignore_index=True)
+    path = write_own(tmp_path, doubled, BASE, users, items)
+    with pytest.warns(DuplicateRowsWarning, match=r"log.csv: 3 rows repeat an earlier row in every column \(first at line 38\)"):
+        kept = load_own_data(path, ProtocolConfig(**SMALL), cache_dir=tmp_path / "cache")
+    assert sum(len(t) for t in kept.splits.values()) == len(log) + 3
+    path.write_text(BASE.replace("SUFFIX", "csv") + "duplicates: drop\n")
+    dropped = load_own_data(path, ProtocolConfig(**SMALL), cache_dir=tmp_path / "cache")
+    assert sum(len(t) for t in dropped.splits.values()) == len(log)
+    assert any("dropped" in note for note in check_own_data(path)["notes"])
+
+
+def test_a_last_line_cut_inside_an_optional_column_is_an_error(tmp_path):
+    users, items = toy_tables()
+    path = write_own(tmp_path, toy_log(), BASE, users, items)
+    # The log's columns: u, i, t, y, dev, hist; the last row loses dev and hist (no final newline).
+    lines = (tmp_path / "log.csv").read_text().rstrip("\n").split("\n")
+    lines[-1] = ",".join(lines[-1].split(",")[:4])
+    (tmp_path / "log.csv").write_text("\n".join(lines))
+    with pytest.raises(DataError, match=r"log.csv, line 37: last line is cut mid-row \(4 of 6 fields, no final newline\)"):
+        check_own_data(path)
+
+
 def test_bad_attribute_tables_and_config(tmp_path):
     users, items = toy_tables()
     bad_items = items.assign(price=items["price"].astype(str).where(items.index != 3, "cheap"))
     path = write_own(tmp_path / "a", toy_log(), BASE, users, bad_items)
-    with pytest.raises(DataError, match=r"items.csv, line 5: column 'price' \(dense feature 'price'\) is not a number: 'cheap'"):
+    with pytest.raises(DataError, match=r"items.csv, line 5: column 'price' \(dense feature 'price'\) is not a finite number: 'cheap'"):
         check_own_data(path)
     path = write_own(tmp_path / "b", toy_log(), BASE, pd.concat([users, users.iloc[:1]]), items)
     with pytest.raises(DataError, match=r"users.csv, line 8: user id 'u0' appears twice"):

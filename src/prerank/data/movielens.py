@@ -49,12 +49,18 @@ def read_double_colon(path: Path, names: list[str], numeric: list[str]) -> pd.Da
             rows.append(fields)
     frame = pd.DataFrame(rows, columns=names)
     for col in numeric:
-        values = pd.to_numeric(frame[col], errors="coerce")
-        bad = np.flatnonzero(values.isna().to_numpy())
-        if len(bad):
-            raise DataError(f"{path}, line {bad[0] + 1}: field {col!r} is not a number: {frame[col].iloc[bad[0]]!r}")
-        frame[col] = values.astype(np.int64)
+        frame[col] = _integers(frame[col], col, path)
     return frame
+
+
+def _integers(raw: pd.Series, column: str, path: Path) -> np.ndarray:
+    """A field of every line as int64; the first value that is not an integer (a rating of 4.7) is
+    an error naming its line."""
+    values = pd.to_numeric(raw, errors="coerce")
+    bad = np.flatnonzero((values.isna() | (values != np.round(values))).to_numpy())
+    if len(bad):
+        raise DataError(f"{path}, line {bad[0] + 1}: field {column!r} is not an integer: {raw.iloc[bad[0]]!r}")
+    return values.to_numpy().astype(np.int64)
 
 
 def read_ratings(path: Path) -> pd.DataFrame:
@@ -70,11 +76,7 @@ def read_ratings(path: Path) -> pd.DataFrame:
     frame = frame[[0, 2, 4, 6]]
     frame.columns = ["user", "item", "rating", TIMESTAMP]
     for col in frame.columns:
-        values = pd.to_numeric(frame[col], errors="coerce")
-        bad = np.flatnonzero(values.isna().to_numpy())
-        if len(bad):
-            raise DataError(f"{path}, line {bad[0] + 1}: field {col!r} is not a number: {frame[col].iloc[bad[0]]!r}")
-        frame[col] = values.astype(np.int64)
+        frame[col] = _integers(frame[col], col, path)
     bad = np.flatnonzero(~frame["rating"].between(1, 5).to_numpy())
     if len(bad):
         raise DataError(f"{path}, line {bad[0] + 1}: rating {frame['rating'].iloc[bad[0]]} outside 1..5")

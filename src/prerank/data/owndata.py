@@ -5,6 +5,8 @@
       log: interactions.csv         # one row per event (paths relative to the YAML file)
       users: users.csv              # optional: one row per user (user-side attributes)
       items: items.csv              # optional: one row per item (item-side attributes)
+      separator: ","
+      encoding: utf-8               # of the CSV files (latin-1, cp1252, ...)
     columns:
       user_id: user_id
       item_id: item_id
@@ -23,6 +25,7 @@
     sequence: {source: log}         # build from the log, or {source: column, column: hist, separator: "|"}, or {source: none}
     negatives: null                 # sampled negatives per positive (implicit default 4)
     evaluation: {ks: [10, 20], candidates: [full, 100]}   # top-K evaluation (implicit default)
+    duplicates: keep                # log rows equal in every column: keep (with a warning) or drop
 
 Where features come from: user-side features from the users file when it has the column, else
 from the log (then they must be constant per user); item-side likewise; context features from
@@ -38,6 +41,7 @@ length is `--seq-len`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -86,6 +90,7 @@ class FilesConfig(_Strict):
     users: Optional[str] = None
     items: Optional[str] = None
     separator: str = ","
+    encoding: str = "utf-8"  # of the CSV files (e.g. latin-1, cp1252)
 
 
 class ColumnsConfig(_Strict):
@@ -123,6 +128,8 @@ class OwnDataConfig(_Strict):
     sequence: SequenceConfig = SequenceConfig()
     negatives: Optional[int] = Field(None, ge=0)
     evaluation: Optional[EvaluationConfig] = None
+    # Log rows equal in every column: "keep" them with a warning, or "drop" all but the first.
+    duplicates: Literal["keep", "drop"] = "keep"
 
     @pydantic.model_validator(mode="after")
     def _names_unique(self):
@@ -216,18 +223,23 @@ def _attribute_table(side: str, keys: pd.Series, log: Located, own: Located | No
     return table
 
 
+class DuplicateRowsWarning(UserWarning):
+    """The log repeats rows in every column (kept; `duplicates: drop` drops them)."""
+
+
 def _feature_values(values: pd.Series, feature: FeatureConfig, located: Located) -> pd.Series:
     if feature.kind == "multi_categorical":
         return split_lists(values, feature.separator)
     if feature.kind == "dense":
         numbers = pd.to_numeric(values, errors="coerce")
-        bad = numbers.isna() & values.notna()
+        # An infinite value would make the min-max scaling zero the whole feature.
+        bad = (numbers.isna() & values.notna()) | np.isinf(numbers)
         if bad.any():
             key = values.index[np.flatnonzero(bad.to_numpy())[0]]
             raw = located.frame[feature.source]
             row = int(np.flatnonzero((raw.astype(str) == str(values[key])).to_numpy())[0])
             raise DataError(f"{located.where(row)}: column {feature.source!r} (dense feature {feature.name!r}) is not "
-                            f"a number: {values[key]!r}")
+                            f"a finite number: {values[key]!r}")
         return numbers.astype(np.float64)
     return values.astype(object).where(values.notna(), None).map(lambda v: None if v is None else str(v))
 
@@ -238,7 +250,8 @@ def read_own_tables(config_path: str | Path) -> OwnTables:
     base = config_path.parent
     c = config.columns
     required = [c.user_id, c.item_id, c.timestamp] + ([c.label] if c.label else [])
-    log_located = read_frame(_resolve(base, config.files.log), sep=config.files.separator, required=tuple(required))
+    log_located = read_frame(_resolve(base, config.files.log), sep=config.files.separator, required=tuple(required),
+                             encoding=config.files.encoding)
     frame = log_located.frame
     if len(frame) == 0:
         raise DataError(f"{log_located.path}: no rows")
@@ -265,16 +278,28 @@ def read_own_tables(config_path: str | Path) -> OwnTables:
         if feature.source not in frame.columns:
             raise DataError(f"feature {feature.name!r}: context column {feature.source!r} is not in {log_located.path.name}")
         log[feature.name] = _feature_values(frame[feature.source], feature, log_located).to_numpy()
+    keep = ~frame.duplicated(keep="first").to_numpy()
+    if not keep.all():
+        first = log_located.where(int(np.flatnonzero(~keep)[0]))
+        message = f"{log_located.path}: {int((~keep).sum()):,} rows repeat an earlier row in every column (first at {first.rsplit(', ', 1)[-1]})"
+        if config.duplicates == "drop":
+            notes.append(f"{message}; dropped (duplicates: drop)")
+            log = log[keep].reset_index(drop=True)
+        else:
+            warnings.warn(f"{message}; kept (duplicates: drop drops them)", DuplicateRowsWarning, stacklevel=2)
+            notes.append(f"{message}; kept")
     own = {}
     for side, name, key in (("user", config.files.users, c.user_id), ("item", config.files.items, c.item_id)):
-        own[side] = read_frame(_resolve(base, name), sep=config.files.separator, required=(key,)) if name else None
+        own[side] = (read_frame(_resolve(base, name), sep=config.files.separator, required=(key,), encoding=config.files.encoding)
+                      if name else None)
     users = _attribute_table("user", log[USER], log_located, own["user"], c.user_id, by_side["user"], notes)
     items = _attribute_table("item", log[ITEM], log_located, own["item"], c.item_id, by_side["item"], notes)
     sequence_column = None
     if config.sequence.source == "column":
         if config.sequence.column not in frame.columns:
             raise DataError(f"sequence column {config.sequence.column!r} is not in {log_located.path.name}")
-        log[SEQUENCE_COLUMN] = split_lists(frame[config.sequence.column], config.sequence.separator).to_numpy()
+        log[SEQUENCE_COLUMN] = split_lists(frame[config.sequence.column], config.sequence.separator).to_numpy()[
+            keep if config.duplicates == "drop" else slice(None)]
         sequence_column = SEQUENCE_COLUMN
     id_dim = config.embed_dim
     specs = [FeatureSpec("user_id", Side.USER, Kind.CATEGORICAL, embed_dim=id_dim),

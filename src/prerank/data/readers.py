@@ -7,6 +7,8 @@ whole column into floats or objects.
 
 from __future__ import annotations
 
+import codecs
+import csv
 import warnings
 from pathlib import Path
 
@@ -54,16 +56,23 @@ def read_frame(
     sep: str = ",",
     required: tuple[str, ...] = (),
     drop_truncated_last: bool = False,
+    encoding: str = "utf-8",
 ) -> Located:
-    """CSV (header row unless `names` is given) or parquet (by suffix) as string columns.
+    """CSV (header row unless `names` is given, text in `encoding`) or parquet (by suffix) as string
+    columns.
 
-    `required` columns must exist and have no empty value. With `drop_truncated_last`, a last line
-    that has empty required fields and no final newline (a file cut mid-row) is dropped with a
-    `TruncatedLineWarning`; anywhere else such a row is an error.
+    `required` columns must exist and have no empty value. A last line with no final newline that
+    has fewer fields than the header, or empty required fields, is a file cut mid-row: with
+    `drop_truncated_last` it is dropped with a `TruncatedLineWarning`, otherwise it is an error, as
+    is such a row anywhere else.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"{path}: unknown text encoding {encoding!r}") from None
     if path.suffix in (".parquet", ".pq"):
         try:
             frame = pd.read_parquet(path)
@@ -72,21 +81,33 @@ def read_frame(
         located = Located(frame, path, None)
     else:
         try:
-            frame = pd.read_csv(path, sep=sep, header=None if names else 0, names=names, dtype=str,
+            frame = pd.read_csv(path, sep=sep, header=None if names else 0, names=names, dtype=str, encoding=encoding,
                                 keep_default_na=False, na_values=[""], skipinitialspace=False, engine="c")
+        except UnicodeDecodeError:
+            raise DataError(_undecodable(path, encoding)) from None
         except pd.errors.EmptyDataError:
             raise DataError(f"{path}: file is empty") from None
         except pd.errors.ParserError as err:
             raise DataError(f"{path}: malformed line ({str(err).strip()})") from None
         frame.columns = [str(c).strip() for c in frame.columns]
         located = Located(frame, path, 1 if names else 2)
+        cut = len(frame) and not _ends_with_newline(path)
+        if cut:
+            fields = _last_line_fields(path, sep, encoding)
+            if fields < frame.shape[1]:
+                where = f"{located.where(len(frame) - 1)}: last line is cut mid-row ({fields} of {frame.shape[1]} fields, no final newline)"
+                if not drop_truncated_last:
+                    raise DataError(f"{where}; complete or remove it")
+                warnings.warn(f"{where}; dropped", TruncatedLineWarning, stacklevel=2)
+                located.frame = frame = frame.iloc[:-1]
+                cut = False  # the cut line is gone: the last one left is whole
     missing = [c for c in required if c not in located.frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(located.frame.columns)}")
     if required and len(located.frame):
         empty = located.frame[list(required)].isna().to_numpy()
         bad_rows = np.flatnonzero(empty.any(axis=1))
-        if drop_truncated_last and len(bad_rows) and bad_rows[-1] == len(located.frame) - 1 and not _ends_with_newline(path):
+        if drop_truncated_last and cut and len(bad_rows) and bad_rows[-1] == len(located.frame) - 1:
             warnings.warn(f"{located.where(bad_rows[-1])}: last line is cut mid-row "
                           f"({_raw_line(located.frame, bad_rows[-1])!r}); dropped", TruncatedLineWarning, stacklevel=2)
             located.frame = located.frame.iloc[:-1]
@@ -107,26 +128,54 @@ def _ends_with_newline(path: Path) -> bool:
         return fh.read(1) == b"\n"
 
 
+def _last_line_fields(path: Path, sep: str, encoding: str) -> int:
+    """How many `sep`-separated fields the file's last line holds (quotes respected)."""
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        size = fh.tell()
+        fh.seek(max(0, size - (1 << 16)))
+        tail = fh.read()
+    last = tail.rsplit(b"\n", 1)[-1].decode(encoding, errors="replace").rstrip("\r")
+    return len(next(csv.reader([last], delimiter=sep), []))
+
+
+def _undecodable(path: Path, encoding: str) -> str:
+    """Where the first byte that is not `encoding` text sits in the file, as an error message."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    with open(path, "rb") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            try:
+                decoder.decode(line)
+            except UnicodeDecodeError as err:
+                return (f"{path}, line {line_no}: byte {line[err.start:err.start + 1]!r} at column {err.start + 1} is not "
+                        f"{encoding} text; give the file's encoding (own-data YAML: files.encoding, e.g. latin-1)")
+    return f"{path}: not {encoding} text; give the file's encoding (own-data YAML: files.encoding)"
+
+
 def _raw_line(frame: pd.DataFrame, row: int) -> str:
     return ",".join("" if pd.isna(v) else str(v) for v in frame.iloc[row])
 
 
 def to_numbers(located: Located, column: str, integer: bool = True, allow_empty: bool = False) -> np.ndarray:
-    """Column `column` as int64 (or float64); the first value that does not parse is an error."""
+    """Column `column` as int64 (or float64); the first value that does not parse, or is infinite,
+    is an error."""
     raw = located.frame[column]
     if pd.api.types.is_numeric_dtype(raw) and (not integer or pd.api.types.is_integer_dtype(raw)):
         values = raw.to_numpy()
         if not allow_empty and pd.isna(values).any():
             row = int(np.flatnonzero(pd.isna(values))[0])
             raise DataError(f"{located.where(row)}: column {column!r} is empty")
+        if np.isinf(values.astype(np.float64)).any():
+            row = int(np.flatnonzero(np.isinf(values.astype(np.float64)))[0])
+            raise DataError(f"{located.where(row)}: column {column!r} is not a finite number: {values[row]!r}")
         return values.astype(np.int64 if integer else np.float64)
     values = pd.to_numeric(raw, errors="coerce")
-    bad = values.isna() & (raw.notna() | (not allow_empty))
+    bad = (values.isna() & (raw.notna() | (not allow_empty))) | np.isinf(values)
     if integer:
         bad |= values.notna() & (values != np.round(values))
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        kind = "an integer" if integer else "a number"
+        kind = "an integer" if integer else "a finite number"
         raise DataError(f"{located.where(row)}: column {column!r} is not {kind}: {raw.iloc[row]!r}")
     if integer:
         return values.to_numpy().astype(np.int64)
