@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import ndcg_score
 from typer.testing import CliRunner
 
@@ -140,3 +141,20 @@ def test_eval_candidates_flag_picks_the_test_ranking(tmp_path, choice, expected)
     bad = CliRunner().invoke(app, ["train", "--dataset", str(EXAMPLE / "implicit.yaml"), "--eval-candidates", "most",
                                    "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "eval_candidates" in bad.output and "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_score_shared_equals_score_over_copies_of_the_list(name, small_data):
+    model = build(name, small_data.schema).eval()
+    table = item_table(model, small_data.items.to_tensors())
+    users = small_data.test.subset(np.arange(5)).to_tensors()
+    with torch.no_grad():
+        user_state = model.encode_user({f.name: users[f.name] for f in model.schema.user_features})
+        chunk = {k: v[3:20] for k, v in table.items()}
+        shared = model.score_shared(user_state, chunk)
+        copies = model.score(user_state, {k: v.unsqueeze(0).expand(5, *v.shape) for k, v in chunk.items()})
+    if name not in ("two_tower", "dat", "inttower"):
+        assert shared is None  # the default: no faster path than `score`
+        return
+    assert shared.shape == copies.shape == (5, 17)
+    torch.testing.assert_close(shared, copies, rtol=1e-5, atol=1e-5)

@@ -22,6 +22,7 @@ lists, over all parameters at once):
     training_modes                 "pointwise" and/or "listwise": what the model can be trained on
     list_objective                 "hybrid" (the trainer's list loss) or "own" (its auxiliary losses)
     two_level + coarse_score       a model whose cheap first stage can prune the list before `score`
+    score_shared(user_state, items)  optional: every request of a batch against one shared list
 
 Training code reads these and nothing else: it never names a model or probes its attributes.
 
@@ -115,6 +116,14 @@ class PreRankModel(nn.Module):
         """User state {key: [B, ...]} and item state {key: [B, N, ...]} -> logits [B, N]; `mask` [B, N]
         bool marks the real candidates of padded lists (None: all are)."""
         raise NotImplementedError
+
+    def score_shared(self, user_state: State, item_state: State) -> Tensor | None:
+        """Every request against the same candidates: user state {key: [B, ...]} and one list's item
+        state {key: [N, ...]} (not [B, N, ...]) -> logits [B, N], equal to `score` over B copies of
+        the list; or None (the default) where the model has no faster way than `score`. A pointwise
+        model whose scorer is a product of user and item factors says so here with one matrix
+        product (whole-catalogue evaluation scores every user against the same catalogue chunk)."""
+        return None
 
     # -- training hooks (defaults: the plain case) ----------------------------------------------
     def auxiliary_losses(self, batch: dict[str, Tensor], user_state: State, item_state: State, logits: Tensor) -> dict[str, Tensor]:

@@ -138,6 +138,11 @@ class DAT(PreRankModel):
         logits = batched_dot(user_state["vector"], item_state["vector"]) * self.similarity_scale()
         return logits + self.bias if self.bias is not None else logits
 
+    def score_shared(self, user_state: State, item_state: State) -> Tensor:
+        """{"vector": [B, D]} against one list {"vector": [N, D]} -> logits [B, N] (one matmul)."""
+        logits = user_state["vector"] @ item_state["vector"].T * self.similarity_scale()
+        return logits + self.bias if self.bias is not None else logits
+
     def auxiliary_losses(self, batch, user_state, item_state, logits) -> dict[str, Tensor]:
         """Pointwise batches only (N = 1): the batch's label, user and item ids [B] and category ids [B]
         or [B, S], the states {"vector": [B, D]} and {"vector": [B, 1, D]} and logits [B, 1] -> the

@@ -132,7 +132,8 @@ def _catalogue_blocks(model: PreRankModel, table: State, user_state: Callable[[i
     Scoring [b, M] at once would copy the table b times (`score` wants [b, N, ...] contiguous
     candidates: the cost of a full-catalogue evaluation was that copy, not the arithmetic). Here a
     chunk of catalogue items is laid out once as a [s, chunk, ...] buffer and reused by every group
-    of s requests of the block, each group's `encode_user` run once per block."""
+    of s requests of the block, each group's `encode_user` run once per block; a model with a
+    `score_shared` scores the chunk itself, with no buffer."""
     n_items = len(next(iter(table.values())))
     group, chunk = catalogue_tiling(model, table)
     for lo in range(0, n_requests, block):
@@ -143,9 +144,13 @@ def _catalogue_blocks(model: PreRankModel, table: State, user_state: Callable[[i
         logits: Tensor | None = None
         for first in range(0, n_items, chunk):
             part = {k: v[first : first + chunk] for k, v in table.items()}
-            buffer = {k: v.unsqueeze(0).expand(width, *v.shape).contiguous() for k, v in part.items()}
+            buffer = None
             for (start, stop), state in zip(groups, states):
-                scores = scorer(model, state, {k: v[: stop - start] for k, v in buffer.items()}, None)
+                scores = model.score_shared(state, part) if scorer is serving_score else None
+                if scores is None:
+                    if buffer is None:
+                        buffer = {k: v.unsqueeze(0).expand(width, *v.shape).contiguous() for k, v in part.items()}
+                    scores = scorer(model, state, {k: v[: stop - start] for k, v in buffer.items()}, None)
                 if logits is None:
                     logits = scores.new_empty((hi - lo, n_items))
                 logits[start - lo : stop - lo, first : first + chunk] = scores

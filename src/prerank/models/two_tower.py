@@ -70,3 +70,7 @@ class TwoTower(PreRankModel):
         """User state {"vector": [B, D]} and item state {"vector": [B, N, D]} -> logits [B, N] =
         sim / tau + b. Pointwise: `mask` is not needed."""
         return batched_dot(user_state["vector"], item_state["vector"]) * self.similarity_scale() + self.bias
+
+    def score_shared(self, user_state: State, item_state: State) -> Tensor:
+        """{"vector": [B, D]} against one list {"vector": [N, D]} -> logits [B, N] (one matmul)."""
+        return user_state["vector"] @ item_state["vector"].T * self.similarity_scale() + self.bias
