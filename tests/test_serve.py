@@ -228,7 +228,7 @@ def test_http_endpoints_and_validation(two_tower_artifact, small_data):
         ({**good, "on_unknown": "ignore"}, "on_unknown"),
         ({**good, "user_features": {**user_features, "segmnt": 1}}, "segmnt"),
         ({**good, "candidates": candidates + [10**9]}, "not in the item catalogue"),
-        ({**good, "candidates": candidates * 6}, "exceed this service's limit of 50"),
+        ({**good, "candidates": small_data.item_raw_ids[:51].tolist()}, "exceed this service's limit of 50"),
     ]:
         response = client.post("/v1/prerank", json=bad)
         assert response.status_code == 422, (bad, response.text)
@@ -236,6 +236,36 @@ def test_http_endpoints_and_validation(two_tower_artifact, small_data):
     assert client.post("/v1/prerank", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
     skipped = client.post("/v1/prerank", json={**good, "candidates": candidates + [10**9], "on_unknown": "skip"}).json()
     assert skipped["unknown"] == [10**9] and skipped["candidates_scored"] == 10
+
+
+def test_bounded_requests_are_4xx_naming_the_field(two_tower_artifact, small_data):
+    _, path = two_tower_artifact
+    client = TestClient(create_app(Scorer.load(path), max_body_bytes=20_000))
+    user_features, behaviour = raw_request(small_data, small_data.test, 0)
+    candidates = small_data.item_raw_ids[:10].tolist()
+    good = {"user_features": user_features, "behaviour": behaviour, "candidates": candidates, "k": 4}
+    # A lone surrogate was a 500 (the unknown id could not be echoed); now a 422 naming the field.
+    for on_unknown in ("error", "skip"):
+        body = json.dumps({**good, "candidates": [candidates[0], "\ud800"], "on_unknown": on_unknown})
+        response = client.post("/v1/prerank", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 422 and "candidates" in response.text and "unicode string" in response.text
+    for bad, field, message in [
+        ({**good, "candidates": candidates[:3] + [candidates[1]]}, "candidates", "appears twice (positions 1 and 3)"),
+        ({**good, "behaviour": ["x" * 1001]}, "behaviour", "at most 1000 characters"),
+        ({**good, "behaviour": [1] * 10_001}, "behaviour", "at most 10000 items"),
+    ]:
+        response = client.post("/v1/prerank", json=bad)
+        assert response.status_code in (413, 422), response.text
+        if response.status_code == 422:
+            assert field in response.text and message in response.text, response.text
+    # Over the body limit: 413 before parsing, by Content-Length or by counting a chunked body.
+    big = json.dumps({**good, "behaviour": list(range(5_000))}).encode()
+    assert len(big) > 20_000
+    response = client.post("/v1/prerank", content=big, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "limit of 20,000 bytes" in response.text
+    response = client.post("/v1/prerank", content=iter([big[:15_000], big[15_000:]]), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert client.get("/healthz").status_code == 200
 
 
 def test_serving_never_imports_the_trainer(two_tower_artifact):
@@ -356,7 +386,8 @@ def test_bad_dense_values_are_422s_naming_the_field(raw_dense_data, tmp_path):
     good = {"user_features": user_features, "behaviour": behaviour, "candidates": data.item_raw_ids[:3].tolist()}
     assert client.post("/v1/prerank", json=good).status_code == 200
     for value, message in [(float("nan"), "not finite"), (float("inf"), "not finite"), ("rich", "takes a number"),
-                           ("35000", "takes a number"), (True, "takes a number"), ([1.0], "takes a number")]:
+                           ("35000", "takes a number"), (True, "takes a number"), ([1.0], "takes a number"),
+                           (3e38, "training ranges outside the values the model was trained on")]:
         body = json.dumps({**good, "user_features": {**user_features, "income": value}})  # NaN/Infinity as JSON literals
         response = client.post("/v1/prerank", content=body, headers={"content-type": "application/json"})
         assert response.status_code == 422, (value, response.text)

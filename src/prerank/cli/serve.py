@@ -55,6 +55,7 @@ def serve(
     device: str = typer.Option("cpu"),
     verify: bool = typer.Option(True, help="check file checksums against the manifest on start"),
     max_candidates: int = typer.Option(100_000, help="reject requests with more candidates"),
+    max_body_bytes: int = typer.Option(4 << 20, min=1, help="answer 413 to a request body over this size, before parsing it"),
     log_level: str = typer.Option("info"),
     workers: int = typer.Option(1, help="server processes (they share the memory-mapped item-state table)"),
 ) -> None:
@@ -62,7 +63,8 @@ def serve(
     from prerank.serve.app import serve as run_server
 
     with user_errors():
-        run_server(str(artifact), host, port, threads or None, device, verify, max_candidates, log_level, workers)
+        run_server(str(artifact), host, port, threads or None, device, verify, max_candidates, log_level, workers,
+                   max_body_bytes)
 
 
 def bench_serve(

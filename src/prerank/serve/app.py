@@ -7,7 +7,11 @@
 Bodies are pydantic models, so malformed JSON or wrong types are 422s with the framework's
 message; requests that parse but that the model cannot answer (an unknown feature, a dense value
 that is not a finite number, unknown candidates under `on_unknown="error"`, too many candidates)
-are 422s with the scorer's message.
+are 422s with the scorer's message. Bounds: a body over `max_body_bytes` (default 4 MiB) is a 413
+before it is parsed; strings hold at most 1,000 characters of valid Unicode, the behaviour at
+most 10,000 ids, the candidates at most
+`max_candidates`, each once; a raw dense value more than 1,000 training ranges outside the values
+the model was trained on is refused (it would saturate the model into equal scores).
 The scoring handler is `async` and scores on the event loop: a request is about a millisecond of
 CPU on one torch thread, and a thread-pool hop per request cost more CPU and widened the tail
 (measured with `prerank load-test`). Scale out with processes (`--workers`): they share the
@@ -19,37 +23,60 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from prerank import __version__
 from prerank.serve.artifact import verify_artifact
 from prerank.serve.scorer import RequestError, Scorer, UnknownItemsError
 
-RawId = Union[StrictInt, str]
+# Request limits: a body is refused (413) before it is parsed; these bound what a parsed one holds.
+MAX_BODY_BYTES = 4 << 20
+MAX_STRING_LENGTH = 1_000
+MAX_BEHAVIOUR = 10_000
+
+
+Text = Annotated[str, Field(max_length=MAX_STRING_LENGTH)]
+RawId = Union[StrictInt, Text]
 # StrictBool keeps true/false from becoming 1.0/0.0, so a boolean sent for a dense feature is refused.
-RawValue = Union[StrictInt, StrictBool, float, str, None]
+RawValue = Union[StrictInt, StrictBool, float, Text, None]
 
 
 class PrerankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user_features: dict[str, Union[RawValue, list[RawValue]]] = Field(
+    user_features: dict[Text, Union[RawValue, list[RawValue]]] = Field(
         default_factory=dict,
         description="raw user and context features by schema name (see GET /v1/model); null or an unseen value is "
                     "out-of-vocabulary; dense features are raw numbers (the service applies the scaler), null if missing",
         examples=[{"user_id": 1, "gender": "F", "age": 1, "occupation": 10}],
     )
     behaviour: list[RawId] = Field(
-        default_factory=list, description="raw ids of the user's earlier positive items, oldest first", examples=[[1193, 661, 914]]
+        default_factory=list, max_length=MAX_BEHAVIOUR, description="raw ids of the user's earlier positive items, oldest first",
+        examples=[[1193, 661, 914]]
     )
     candidates: list[RawId] = Field(..., min_length=1, description="raw ids of the items to rank", examples=[[1, 2, 3, 1193]])
     k: int = Field(100, ge=1, description="how many of the best candidates to return")
     on_unknown: Literal["error", "skip"] = Field(
         "error", description="candidates not in the catalogue: 'error' (422 listing them) or 'skip' (listed in `unknown`)"
     )
+
+    @field_validator("candidates")
+    @classmethod
+    def _each_once(cls, candidates: list) -> list:
+        """A candidate sent twice would be scored and returned twice."""
+        if len(set(candidates)) < len(candidates):
+            seen: dict = {}
+            for position, item in enumerate(candidates):
+                if item in seen:
+                    raise ValueError(f"candidate {item!r} appears twice (positions {seen[item]} and {position}); "
+                                     "send each candidate once")
+                seen[item] = position
+        return candidates
 
 
 class PrerankResponse(BaseModel):
@@ -68,13 +95,60 @@ class Health(BaseModel):
     item_count: int
 
 
-def create_app(scorer: Scorer, max_candidates: int = 100_000) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 before any of it is parsed,
+    by its Content-Length or, for a chunked body, as soon as the bytes received pass the limit
+    (the body is read here, at most `max_bytes` of it, and handed on whole)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(scope, receive, send)
+        messages, received = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        response = JSONResponse({"detail": f"request body over this service's limit of {self.max_bytes:,} bytes"}, 413)
+        await response(scope, receive, send)
+
+
+def create_app(scorer: Scorer, max_candidates: int = 100_000, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     manifest = scorer.manifest
     app = FastAPI(
         title="prerank",
         version=__version__,
         description=f"Pre-ranking service: {manifest['model']} version {manifest['version']}, {manifest['item_count']:,} items.",
     )
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, error: RequestValidationError) -> JSONResponse:
+        # Where and what, without echoing the input: it can be a million candidates, or a string
+        # (a lone surrogate) that JSON admits and UTF-8 cannot encode, which made the 422 a 500.
+        def printable(part) -> Any:
+            return part if isinstance(part, int) else str(part).encode("utf-8", "backslashreplace").decode("utf-8")
+
+        return JSONResponse({"detail": [{"loc": [printable(p) for p in e["loc"]], "msg": printable(e["msg"]), "type": e["type"]}
+                                        for e in error.errors()]}, 422)
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:
@@ -117,17 +191,19 @@ def app_from_env() -> FastAPI:
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
     scorer = Scorer.load(settings["artifact"], device=settings["device"], verify=settings["verify"])
-    return create_app(scorer, max_candidates=settings["max_candidates"])
+    return create_app(scorer, max_candidates=settings["max_candidates"], max_body_bytes=settings["max_body_bytes"])
 
 
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, threads: Optional[int] = 1, device: str = "cpu",
-          verify: bool = True, max_candidates: int = 100_000, log_level: str = "info", workers: int = 1) -> None:
+          verify: bool = True, max_candidates: int = 100_000, log_level: str = "info", workers: int = 1,
+          max_body_bytes: int = MAX_BODY_BYTES) -> None:
     import uvicorn
 
     if verify:  # once, here, so that a bad artifact is one clear message rather than one per worker
         verify_artifact(artifact)
     os.environ[ENV_SETTINGS] = json.dumps({"artifact": str(artifact), "threads": threads, "device": device,
-                                           "verify": False, "max_candidates": max_candidates})
+                                           "verify": False, "max_candidates": max_candidates,
+                                           "max_body_bytes": max_body_bytes})
     if workers > 1:
         uvicorn.run("prerank.serve.app:app_from_env", factory=True, host=host, port=port, log_level=log_level, workers=workers)
     else:

@@ -31,6 +31,10 @@ from prerank.serve.artifact import Artifact, ArtifactError, load_artifact
 OnUnknown = Literal["error", "skip"]
 
 
+# How far outside its training range [lo, hi] a raw dense value may lie, in units of hi - lo.
+DENSE_RANGE_SLACK = 1000.0
+
+
 class RequestError(ValueError):
     """A request the scorer cannot answer: the message names the feature or ids at fault."""
 
@@ -140,6 +144,14 @@ class Scorer:
             raise RequestError(f"dense user feature {feature.name!r} takes a number (or null), got {value!r}")
         if not np.isfinite(value):
             raise RequestError(f"dense user feature {feature.name!r} is not finite: {value!r} (send null for a missing value)")
+        scaler = feature.scaler
+        if scaler is not None:
+            span = max(scaler.hi - scaler.lo, 1.0)
+            # Far outside the fitted range the scaled input saturates every unit: all scores equal.
+            if not scaler.lo - DENSE_RANGE_SLACK * span <= value <= scaler.hi + DENSE_RANGE_SLACK * span:
+                raise RequestError(f"dense user feature {feature.name!r} = {value!r} is more than {DENSE_RANGE_SLACK:g} "
+                                   f"training ranges outside the values the model was trained on "
+                                   f"[{scaler.lo:g}, {scaler.hi:g}]")
         return float(value)
 
     def _bag(self, feature: Feature, values, keep_last: bool) -> np.ndarray:
