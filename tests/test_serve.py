@@ -268,6 +268,29 @@ def test_bounded_requests_are_4xx_naming_the_field(two_tower_artifact, small_dat
     assert client.get("/healthz").status_code == 200
 
 
+def test_an_api_key_guards_the_api_and_off_loopback_one_is_required(two_tower_artifact, small_data, tmp_path):
+    from prerank.serve.app import serve
+
+    _, path = two_tower_artifact
+    client = TestClient(create_app(Scorer.load(path), api_key="s3cret"))
+    user_features, behaviour = raw_request(small_data, small_data.test, 0)
+    good = {"user_features": user_features, "behaviour": behaviour, "candidates": small_data.item_raw_ids[:5].tolist()}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        response = client.post("/v1/prerank", json=good, headers=headers)
+        assert response.status_code == 401 and "Authorization: Bearer" in response.text
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert client.get("/v1/model", headers=headers).status_code == 401
+    assert client.post("/v1/prerank", json=good, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/healthz").status_code == 200
+    with pytest.raises(ValueError, match="--host 0.0.0.0 serves beyond this machine: give --api-key-file"):
+        serve(str(path), host="0.0.0.0")
+    with pytest.raises(ValueError, match="API key file not found"):
+        serve(str(path), host="0.0.0.0", api_key_file=str(tmp_path / "none"))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="API key file is empty"):
+        serve(str(path), host="0.0.0.0", api_key_file=str(tmp_path / "empty"))
+
+
 def test_serving_never_imports_the_trainer(two_tower_artifact):
     _, path = two_tower_artifact
     code = ("import sys; import prerank.cli; from prerank.serve.app import create_app; from prerank.serve.scorer import Scorer; "

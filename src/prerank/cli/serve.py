@@ -56,6 +56,8 @@ def serve(
     verify: bool = typer.Option(True, help="check file checksums against the manifest on start"),
     max_candidates: int = typer.Option(100_000, help="reject requests with more candidates"),
     max_body_bytes: int = typer.Option(4 << 20, min=1, help="answer 413 to a request body over this size, before parsing it"),
+    api_key_file: Optional[Path] = typer.Option(None, help="a file holding the key clients send as 'Authorization: Bearer <key>'"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="serve a non-loopback --host without an API key"),
     log_level: str = typer.Option("info"),
     workers: int = typer.Option(1, help="server processes (they share the memory-mapped item-state table)"),
 ) -> None:
@@ -64,7 +66,7 @@ def serve(
 
     with user_errors():
         run_server(str(artifact), host, port, threads or None, device, verify, max_candidates, log_level, workers,
-                   max_body_bytes)
+                   max_body_bytes, str(api_key_file) if api_key_file else None, no_auth)
 
 
 def bench_serve(

@@ -21,11 +21,14 @@ and the docs at /docs.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import os
+from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
@@ -131,8 +134,40 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def create_app(scorer: Scorer, max_candidates: int = 100_000, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def read_api_key(path: str | Path) -> str:
+    """The bearer token in `path` (surrounding whitespace stripped): a missing or empty file is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: API key file not found")
+    key = path.read_text().strip()
+    if not key:
+        raise ValueError(f"{path}: the API key file is empty")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def create_app(scorer: Scorer, max_candidates: int = 100_000, max_body_bytes: int = MAX_BODY_BYTES,
+               api_key: str | None = None) -> FastAPI:
+    """The app over `scorer`; with `api_key`, /v1/* answer only requests with the header
+    `Authorization: Bearer <api_key>` (401 otherwise); /healthz stays open."""
     manifest = scorer.manifest
+
+    def authorized(authorization: Optional[str] = Header(None, include_in_schema=False)) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
     app = FastAPI(
         title="prerank",
         version=__version__,
@@ -154,11 +189,13 @@ def create_app(scorer: Scorer, max_candidates: int = 100_000, max_body_bytes: in
     def healthz() -> Health:
         return Health(status="ok", model=manifest["model"], version=manifest["version"], item_count=manifest["item_count"])
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", dependencies=[Depends(authorized)])
     def model_info() -> dict[str, Any]:
         return {**scorer.info(), "max_candidates": max_candidates}
 
-    @app.post("/v1/prerank", response_model=PrerankResponse, responses={422: {"description": "a request the model cannot answer"}})
+    @app.post("/v1/prerank", response_model=PrerankResponse, dependencies=[Depends(authorized)],
+              responses={401: {"description": "no or a wrong API key (when the service has one)"},
+                         422: {"description": "a request the model cannot answer"}})
     async def prerank(request: PrerankRequest) -> PrerankResponse:
         if len(request.candidates) > max_candidates:
             raise HTTPException(422, f"{len(request.candidates)} candidates exceed this service's limit of {max_candidates}")
@@ -191,19 +228,29 @@ def app_from_env() -> FastAPI:
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
     scorer = Scorer.load(settings["artifact"], device=settings["device"], verify=settings["verify"])
-    return create_app(scorer, max_candidates=settings["max_candidates"], max_body_bytes=settings["max_body_bytes"])
+    api_key = read_api_key(settings["api_key_file"]) if settings["api_key_file"] else None
+    return create_app(scorer, max_candidates=settings["max_candidates"], max_body_bytes=settings["max_body_bytes"],
+                      api_key=api_key)
 
 
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, threads: Optional[int] = 1, device: str = "cpu",
           verify: bool = True, max_candidates: int = 100_000, log_level: str = "info", workers: int = 1,
-          max_body_bytes: int = MAX_BODY_BYTES) -> None:
+          max_body_bytes: int = MAX_BODY_BYTES, api_key_file: str | None = None, allow_anyone: bool = False) -> None:
+    """Run the service. Off loopback it needs an API key (`api_key_file`) or the explicit waiver
+    `allow_anyone`: whoever reaches the port could otherwise score and read the model."""
     import uvicorn
 
+    if api_key_file:
+        read_api_key(api_key_file)  # a bad key file fails here, once
+    elif not is_loopback(host) and not allow_anyone:
+        raise ValueError(f"--host {host} serves beyond this machine: give --api-key-file (clients send "
+                         "'Authorization: Bearer <key>'), or --no-auth to serve anyone who can reach the port")
     if verify:  # once, here, so that a bad artifact is one clear message rather than one per worker
         verify_artifact(artifact)
     os.environ[ENV_SETTINGS] = json.dumps({"artifact": str(artifact), "threads": threads, "device": device,
                                            "verify": False, "max_candidates": max_candidates,
-                                           "max_body_bytes": max_body_bytes})
+                                           "max_body_bytes": max_body_bytes,
+                                           "api_key_file": str(api_key_file) if api_key_file else None})
     if workers > 1:
         uvicorn.run("prerank.serve.app:app_from_env", factory=True, host=host, port=port, log_level=log_level, workers=workers)
     else:
