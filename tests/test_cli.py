@@ -73,3 +73,30 @@ def test_cascade_build_writes_a_parquet_from_a_trained_teacher(tmp_path):
     assert result.exit_code == 2 and "not a ranker" in result.output
     result = runner.invoke(app, ["cascade", "build", "--teacher", str(tmp_path / "missing.pt"), "--out", str(out)])
     assert result.exit_code == 2 and "checkpoint not found" in result.output
+
+
+def test_a_run_never_overwrites_or_mixes_into_an_existing_out(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    common = ["train", "--dataset", "synthetic", "--model", "two_tower", "--epochs", "1", "--seq-len", "5", "--embed-dim", "8",
+              "--batch-size", "512", "--set", "hidden=[16]", "--no-progress", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert runner.invoke(app, common).exit_code == 0
+    first = json.loads((out / "metrics.json").read_text())
+    refused = runner.invoke(app, [*common, "--seed", "7"])
+    assert refused.exit_code == 2 and "already holds a run: give --overwrite" in refused.output
+    assert json.loads((out / "metrics.json").read_text()) == first
+    # A run that fails half-way leaves OUT as it was; its files stay apart in OUT.partial.
+    import prerank.train.run as run_module
+
+    def interrupted(*args, **kwargs):
+        (args[4] / "checkpoint.pt").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "run_training", interrupted)
+    stopped = runner.invoke(app, [*common, "--seed", "7", "--overwrite"])
+    assert stopped.exit_code == 130 and "is untouched" in stopped.output
+    assert json.loads((out / "metrics.json").read_text()) == first and (tmp_path / "run.partial" / "checkpoint.pt").exists()
+    monkeypatch.undo()
+    replaced = runner.invoke(app, [*common, "--seed", "7", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((out / "metrics.json").read_text())["seed"] == 7 and not (tmp_path / "run.partial").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("run")] == ["run"]

@@ -73,6 +73,7 @@ def train(
     cascade: Optional[Path] = typer.Option(None, help="cascade parquet (`prerank cascade build`): train on its request lists with the hybrid loss"),
     hybrid: list[str] = typer.Option([], "--hybrid", help="hybrid-loss override key=value, e.g. distill_weight=0 (with --cascade)"),
     out: Path = typer.Option(Path("runs/latest"), help="output folder: metrics.json, checkpoint.pt, run.yaml"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out run (only once the new one is complete)"),
     progress: bool = typer.Option(True, help="show progress bars"),
     eval_candidates: str = typer.Option("dataset", help="top-K test ranking of implicit datasets: full (the catalogue), "
                                         "sampled (the dataset's 100 sampled items), sampled:N, none, or dataset (both)"),
@@ -81,7 +82,9 @@ def train(
     """Train one model and write OUT/metrics.json, OUT/checkpoint.pt and OUT/run.yaml (which reruns it).
 
     With --cascade, --batch-size counts requests (lists), not rows."""
+    from prerank.atomic import staged_directory
     from prerank.run_config import merge, read_run_file, read_variant, validate
+    from prerank.train.distributed import context as distributed_context
     from prerank.train.run import run_training
 
     with user_errors():
@@ -111,11 +114,20 @@ def train(
         if str(data.meta.get("dataset", "")).startswith(f"{run.dataset.name}:"):
             # `s3rec` resolved to the folder's one `s3rec:NAME`: reloading must not depend on the folder staying so.
             source["dataset"] = data.meta["dataset"]
-        metrics = run_training(data, run.model, run.train_config(device, progress), run.model_options, out,
-                               source, lists, run.hybrid)
-    from prerank.train.distributed import context as distributed_context
-
-    if not distributed_context().is_main:
+        main = distributed_context().is_main
+        # Written to OUT.partial and renamed when complete: a killed run never leaves OUT mixing two runs.
+        with staged_directory(out, overwrite, enabled=main) as stage:
+            try:
+                metrics = run_training(data, run.model, run.train_config(device, progress), run.model_options, stage,
+                                       source, lists, run.hybrid)
+            except KeyboardInterrupt:
+                typer.secho(f"interrupted: {out} is untouched; what the run wrote so far is in {stage}",
+                            fg=typer.colors.YELLOW, err=True)
+                raise typer.Exit(130) from None
+            if main:
+                run.write(stage / "run.yaml", f"The run in this folder, written by `prerank train`; rerun it with\n"
+                                              f"  prerank train --config {out / 'run.yaml'} --out DIR")
+    if not main:
         return
     test = metrics["test"]
     typer.echo(
@@ -129,7 +141,6 @@ def train(
                    f"{metrics['ranking_eval_seconds']:.1f} s ({metrics['ranking_eval_cpu_seconds']:.1f} s CPU)")
     if "test_lists" in metrics:
         typer.echo("  test cascade lists: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics["test_lists"].items() if "@" in k and "teacher" not in k))
-    run.write(out / "run.yaml", f"The run in this folder, written by `prerank train`; rerun it with\n  prerank train --config {out / 'run.yaml'} --out DIR")
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'checkpoint.pt'} and {out / 'run.yaml'}")
 
 
