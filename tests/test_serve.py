@@ -1,6 +1,7 @@
 """Export and serving: the artifact, the scorer, the HTTP service, and parity with the training forward pass."""
 
 import json
+import warnings
 import os
 import subprocess
 import sys
@@ -152,7 +153,57 @@ def test_corrupted_or_missing_artifact_is_a_clear_error(two_tower_artifact, tmp_
     np.save(copy / "items" / "state" / "vector.npy", table)
     with pytest.raises(ArtifactError, match=r"vector\.npy: checksum mismatch"):
         load_artifact(copy)
-    load_artifact(copy, verify=False)  # an explicit opt-out still loads
+    with pytest.warns(UserWarning, match="without checking checksums"):
+        load_artifact(copy, verify=False)  # an explicit opt-out still loads, and says what it skipped
+
+
+def copy_artifact(path, to):
+    subprocess.run(["cp", "-r", str(path), str(to)], check=True)
+    return to
+
+
+@pytest.mark.parametrize("damage, where, message", [
+    (lambda a: (a / "manifest.json").write_text("{not json"), "manifest.json", "not valid JSON"),
+    (lambda a: (a / "manifest.json").write_text(json.dumps({**json.loads((a / "manifest.json").read_text()), "item_count": "many"})),
+     "manifest.json", "'item_count' is missing or not a int"),
+    (lambda a: (a / "manifest.json").write_text(json.dumps({**json.loads((a / "manifest.json").read_text()), "checksum": "0" * 64})),
+     "manifest.json", "checksum does not match its file list"),
+    (lambda a: (a / "weights.pt").write_bytes((a / "weights.pt").read_bytes()[:500]), "weights.pt", "cannot load the weights"),
+    (lambda a: (a / "model.json").write_text("[]"), "model.json", "expected a JSON object"),
+    (lambda a: np.save(a / "items" / "state" / "vector.npy", np.load(a / "items" / "state" / "vector.npy")[:-3]),
+     "vector.npy", "rows for 60 catalogue items"),
+    (lambda a: np.save(a / "items" / "state" / "vector.npy", np.load(a / "items" / "state" / "vector.npy")[:, :5]),
+     "vector.npy", "but two_tower encodes float32 rows of shape"),
+    (lambda a: np.save(a / "items" / "state" / "vector.npy", np.load(a / "items" / "state" / "vector.npy").astype(np.float64)),
+     "vector.npy", "float64 rows"),
+    (lambda a: np.save(a / "items" / "ids.npy", np.load(a / "items" / "ids.npy")[:10]), "ids.npy", "10 ids for 60"),
+])
+def test_every_artifact_load_failure_is_one_line_naming_the_file(two_tower_artifact, tmp_path, damage, where, message):
+    _, path = two_tower_artifact
+    copy = copy_artifact(path, tmp_path / "copy")
+    damage(copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # --no-verify's warning: the damage must be caught without the checksums
+        with pytest.raises(ArtifactError, match=message) as caught:
+            load_artifact(copy, verify=False)
+    assert where in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_non_finite_item_state_is_refused(two_tower_artifact, tmp_path):
+    from prerank.serve.artifact import MANIFEST, combined_checksum, sha256_file
+
+    _, path = two_tower_artifact
+    copy = copy_artifact(path, tmp_path / "copy")
+    table = np.load(copy / "items" / "state" / "vector.npy")
+    table[7, 2] = np.nan
+    np.save(copy / "items" / "state" / "vector.npy", table)
+    # Re-sign the manifest, as an exporter that wrote NaN would have: the checksums pass, the values do not.
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"]["items/state/vector.npy"] = sha256_file(copy / "items" / "state" / "vector.npy")
+    manifest["checksum"] = combined_checksum(manifest["files"])
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"vector\.npy: row 7 is not finite"):
+        load_artifact(copy)
 
 
 def test_unknown_candidates_are_an_error_or_skipped_by_option(two_tower_artifact, small_data):

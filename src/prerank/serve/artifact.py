@@ -24,8 +24,10 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +83,9 @@ def compute_item_table(model: PreRankModel, items: dict[str, torch.Tensor], batc
     unsupported = sorted(name for name, tensor in table.items() if tensor.dtype == torch.bfloat16)
     if unsupported:
         raise ArtifactError(f"item state {unsupported} is bfloat16, which .npy cannot hold: return float32 or float16")
+    broken = sorted(name for name, tensor in table.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all())
+    if broken:
+        raise ArtifactError(f"item state {broken} holds NaN or infinite values: the model is broken (retrain it)")
     return {name: tensor.detach().cpu().contiguous().numpy() for name, tensor in table.items()}
 
 
@@ -179,13 +184,44 @@ class Artifact:
         return self.model.schema
 
 
+MANIFEST_KEYS = {"format_version": int, "model": str, "version": str, "item_count": int, "item_state": dict,
+                 "files": dict, "checksum": str}
+
+
+class UnverifiedArtifactWarning(UserWarning):
+    """An artifact loaded without checking its checksums: edited files serve silently."""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    return value
+
+
 def read_manifest(path: str | Path) -> dict:
+    """The manifest, checked: valid JSON, the known format, every key it must have with its type,
+    and a checksum that matches its own file list."""
     path = Path(path)
     if not (path / MANIFEST).exists():
         raise ArtifactError(f"{path}: not an artifact ({MANIFEST} not found); write one with `prerank export`")
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = _read_json(path / MANIFEST)
     if manifest.get("format_version") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{path / MANIFEST}: unsupported artifact format {manifest.get('format_version')!r}")
+    for key, kind in MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise ArtifactError(f"{path / MANIFEST}: {key!r} is missing or not a {kind.__name__}")
+    layout_ok = all(isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape_per_item"), list)
+                    for v in manifest["item_state"].values())
+    if not manifest["item_state"] or not layout_ok:
+        raise ArtifactError(f"{path / MANIFEST}: 'item_state' must map each state name to its dtype and shape_per_item")
+    if combined_checksum(manifest["files"]) != manifest["checksum"]:
+        raise ArtifactError(f"{path / MANIFEST}: the artifact checksum does not match its file list")
     return manifest
 
 
@@ -198,8 +234,21 @@ def verify_artifact(path: str | Path, manifest: dict | None = None) -> None:
             raise ArtifactError(f"{path / name}: missing (listed in the manifest)")
         if sha256_file(path / name) != expected:
             raise ArtifactError(f"{path / name}: checksum mismatch (the file changed after export)")
-    if combined_checksum(manifest["files"]) != manifest["checksum"]:
-        raise ArtifactError(f"{path / MANIFEST}: the artifact checksum does not match its file list")
+
+
+@torch.no_grad()
+def _expected_item_state(model: PreRankModel) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{state name: (shape per item, dtype)} of what `encode_items` makes of one padding item."""
+    probe = {}
+    for f in model.schema.item_features:
+        if f.kind.value == "dense":
+            probe[f.name] = torch.zeros(1)
+        elif f.max_len > 1 or f.kind.value == "multi_categorical":
+            probe[f.name] = torch.zeros(1, f.max_len, dtype=torch.long)
+        else:
+            probe[f.name] = torch.zeros(1, dtype=torch.long)
+    state = model.encode_items(probe)
+    return {name: (tuple(t.shape[1:]), torch.empty(0, dtype=t.dtype).numpy().dtype) for name, t in state.items()}
 
 
 def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True, mmap: bool = True) -> Artifact:
@@ -211,21 +260,51 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True, mm
     manifest = read_manifest(path)
     if verify:
         verify_artifact(path, manifest)
-    spec = json.loads((path / "model.json").read_text())
+    else:
+        warnings.warn(f"{path}: loaded without checking checksums (--no-verify): an edited file would serve silently",
+                      UnverifiedArtifactWarning, stacklevel=2)
+    spec = _read_json(path / "model.json")
     try:
         schema = Schema.from_dict(spec["schema"])
-    except ValueError as err:
-        raise ArtifactError(f"{path / 'model.json'}: {err}") from None
-    model = create_model(spec["model"], schema, spec["model_config"])
-    model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
+        model = create_model(spec["model"], schema, spec["model_config"])
+    except (KeyError, TypeError, ValueError) as err:
+        problem = err if isinstance(err, ValueError) else f"malformed, cannot rebuild the model ({type(err).__name__}: {err})"
+        raise ArtifactError(f"{path / 'model.json'}: {problem}") from None
+    try:
+        weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(weights)
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        raise ArtifactError(f"{path / 'weights.pt'}: cannot load the weights into {spec['model']} ({str(err).splitlines()[0]})") from None
     model.to(device).prepare_for_serving()
     # Copy-on-write mapping: pages are read from the file on demand and never written back; the
     # arrays are writable in memory, which torch.from_numpy wants.
     mode = "c" if mmap else None
+    expected = _expected_item_state(model)
+    if set(expected) != set(manifest["item_state"]):
+        raise ArtifactError(f"{path / MANIFEST}: item state {sorted(manifest['item_state'])}, but {spec['model']} "
+                            f"encodes {sorted(expected)}")
     table = {}
     for name in manifest["item_state"]:
-        array = np.load(path / STATE_DIR / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
+        file = path / STATE_DIR / f"{name}.npy"
+        try:
+            array = np.load(file, mmap_mode=mode, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ArtifactError(f"{file}: cannot read ({err})") from None
+        shape, dtype = expected[name]
+        if array.ndim != len(shape) + 1 or tuple(array.shape[1:]) != shape or array.dtype != dtype:
+            raise ArtifactError(f"{file}: {array.dtype} rows of shape {list(array.shape[1:])}, but {spec['model']} "
+                                f"encodes {dtype} rows of shape {list(shape)}")
+        if array.shape[0] != manifest["item_count"]:
+            raise ArtifactError(f"{file}: {array.shape[0]:,} rows for {manifest['item_count']:,} catalogue items")
+        if verify and array.dtype.kind == "f" and not np.isfinite(array).all():
+            row = int(np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(1))[0])
+            raise ArtifactError(f"{file}: row {row} is not finite (NaN or infinite item state)")
         table[name] = torch.from_numpy(array).to(device)
-    item_ids = np.load(path / IDS_FILE, allow_pickle=False)
-    vocabs = json.loads((path / "vocabs.json").read_text())
+    try:
+        item_ids = np.load(path / IDS_FILE, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{path / IDS_FILE}: cannot read ({err})") from None
+    if len(item_ids) != manifest["item_count"]:
+        raise ArtifactError(f"{path / IDS_FILE}: {len(item_ids):,} ids for {manifest['item_count']:,} catalogue items")
+    vocabs = _read_json(path / "vocabs.json")
     return Artifact(path, manifest, model, table, item_ids, vocabs)
