@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from prerank.cli import app
@@ -100,3 +101,17 @@ def test_a_run_never_overwrites_or_mixes_into_an_existing_out(tmp_path, monkeypa
     assert replaced.exit_code == 0, replaced.output
     assert json.loads((out / "metrics.json").read_text())["seed"] == 7 and not (tmp_path / "run.partial").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("run")] == ["run"]
+
+
+def test_quickstart_beats_the_base_rate_and_says_so(tmp_path):
+    import numpy as np
+
+    from prerank.cli.quickstart import base_rate_logloss
+
+    # By hand: a positive rate of 0.25 on [1, 0] costs -(log 0.25 + log 0.75) / 2.
+    assert base_rate_logloss([1, 0, 0, 0], [1, 0]) == pytest.approx(-(np.log(0.25) + np.log(0.75)) / 2)
+    result = runner.invoke(app, ["quickstart", "--out", str(tmp_path / "qs")])
+    assert result.exit_code == 0, result.output
+    assert "base-rate log loss" in result.output
+    metrics = json.loads((tmp_path / "qs" / "two_tower" / "metrics.json").read_text())
+    assert metrics["test"]["logloss"] < 0.69 and metrics["test"]["auc"] > 0.72  # base rate: 0.692
