@@ -342,6 +342,28 @@ def test_an_api_key_guards_the_api_and_off_loopback_one_is_required(two_tower_ar
         serve(str(path), host="0.0.0.0", api_key_file=str(tmp_path / "empty"))
 
 
+def test_metrics_count_requests_by_status_and_docs_are_off_by_default(two_tower_artifact, small_data):
+    _, path = two_tower_artifact
+    client = TestClient(create_app(Scorer.load(path)))
+    user_features, behaviour = raw_request(small_data, small_data.test, 0)
+    good = {"user_features": user_features, "behaviour": behaviour, "candidates": small_data.item_raw_ids[:7].tolist()}
+    for _ in range(3):
+        assert client.post("/v1/prerank", json=good).status_code == 200
+    assert client.post("/v1/prerank", json={**good, "k": 0}).status_code == 422
+    assert client.get("/nowhere").status_code == 404
+    text = client.get("/metrics").text
+    assert 'prerank_requests_total{path="/v1/prerank",status="200"} 3.0' in text
+    assert 'prerank_requests_total{path="/v1/prerank",status="422"} 1.0' in text
+    assert 'prerank_requests_total{path="other",status="404"} 1.0' in text
+    assert "prerank_candidates_count 3.0" in text and "prerank_candidates_sum 21.0" in text
+    assert 'prerank_request_seconds_count{path="/v1/prerank"} 4.0' in text
+    assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 200
+    assert TestClient(create_app(Scorer.load(path), docs=True)).get("/docs").status_code == 200
+    guarded = TestClient(create_app(Scorer.load(path), api_key="k"))
+    assert guarded.get("/metrics").status_code == 401
+    assert guarded.get("/metrics", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
 def test_serving_never_imports_the_trainer(two_tower_artifact):
     _, path = two_tower_artifact
     code = ("import sys; import prerank.cli; from prerank.serve.app import create_app; from prerank.serve.scorer import Scorer; "

@@ -58,15 +58,16 @@ def serve(
     max_body_bytes: int = typer.Option(4 << 20, min=1, help="answer 413 to a request body over this size, before parsing it"),
     api_key_file: Optional[Path] = typer.Option(None, help="a file holding the key clients send as 'Authorization: Bearer <key>'"),
     no_auth: bool = typer.Option(False, "--no-auth", help="serve a non-loopback --host without an API key"),
+    docs: bool = typer.Option(False, help="serve the interactive /docs page (its scripts load from a CDN)"),
     log_level: str = typer.Option("info"),
     workers: int = typer.Option(1, help="server processes (they share the memory-mapped item-state table)"),
 ) -> None:
-    """Serve an artifact over HTTP: POST /v1/prerank, GET /v1/model, GET /healthz, docs at /docs."""
+    """Serve an artifact over HTTP: POST /v1/prerank, GET /v1/model, GET /healthz, GET /metrics (Prometheus)."""
     from prerank.serve.app import serve as run_server
 
     with user_errors():
         run_server(str(artifact), host, port, threads or None, device, verify, max_candidates, log_level, workers,
-                   max_body_bytes, str(api_key_file) if api_key_file else None, no_auth)
+                   max_body_bytes, str(api_key_file) if api_key_file else None, no_auth, docs)
 
 
 def bench_serve(

@@ -3,6 +3,7 @@
     POST /v1/prerank   user features, behaviour sequence, candidate ids, k -> top-k ids and scores
     GET  /v1/model     what is served: model, version, item count, bytes per item, input features
     GET  /healthz      liveness (the artifact is loaded)
+    GET  /metrics      Prometheus: requests by path and status, latency and candidates histograms
 
 Bodies are pydantic models, so malformed JSON or wrong types are 422s with the framework's
 message; requests that parse but that the model cannot answer (an unknown feature, a dense value
@@ -15,8 +16,8 @@ the model was trained on is refused (it would saturate the model into equal scor
 The scoring handler is `async` and scores on the event loop: a request is about a millisecond of
 CPU on one torch thread, and a thread-pool hop per request cost more CPU and widened the tail
 (measured with `prerank load-test`). Scale out with processes (`--workers`): they share the
-memory-mapped item-state table through the page cache. The OpenAPI schema is at /openapi.json
-and the docs at /docs.
+memory-mapped item-state table through the page cache. The OpenAPI schema is at /openapi.json;
+the interactive /docs page (its scripts come from a CDN) only with `docs`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import hmac
 import ipaddress
 import json
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from prerank import __version__
@@ -98,6 +100,36 @@ class Health(BaseModel):
     item_count: int
 
 
+class RequestMetrics:
+    """ASGI middleware: Prometheus counts of every request by path and status, and its latency,
+    into `registry` (one per app; with several --workers each process keeps its own)."""
+
+    def __init__(self, app, registry, requests, latency) -> None:
+        self.app, self.registry, self.requests, self.latency = app, registry, requests, latency
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def watched(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            path = scope.get("path", "")
+            known = path if path in KNOWN_PATHS else "other"  # unbounded label values would grow the registry
+            self.requests.labels(known, str(status)).inc()
+            self.latency.labels(known).observe(time.perf_counter() - started)
+
+
+KNOWN_PATHS = ("/v1/prerank", "/v1/model", "/healthz", "/metrics", "/openapi.json")
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `max_bytes` is answered 413 before any of it is parsed,
     by its Content-Length or, for a chunked body, as soon as the bytes received pass the limit
@@ -155,10 +187,20 @@ def is_loopback(host: str) -> bool:
 
 
 def create_app(scorer: Scorer, max_candidates: int = 100_000, max_body_bytes: int = MAX_BODY_BYTES,
-               api_key: str | None = None) -> FastAPI:
-    """The app over `scorer`; with `api_key`, /v1/* answer only requests with the header
-    `Authorization: Bearer <api_key>` (401 otherwise); /healthz stays open."""
+               api_key: str | None = None, docs: bool = False) -> FastAPI:
+    """The app over `scorer`; with `api_key`, /v1/* and /metrics answer only requests with the
+    header `Authorization: Bearer <api_key>` (401 otherwise); /healthz stays open. `docs` serves
+    the interactive /docs page, whose scripts the browser fetches from a CDN (off by default: the
+    schema is at /openapi.json either way)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
     manifest = scorer.manifest
+    registry = CollectorRegistry()
+    requests = Counter("prerank_requests", "HTTP requests by path and status", ["path", "status"], registry=registry)
+    latency = Histogram("prerank_request_seconds", "HTTP request latency (wall seconds)", ["path"], registry=registry,
+                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0))
+    candidates_seen = Histogram("prerank_candidates", "candidates per scored request", registry=registry,
+                                buckets=(1, 10, 100, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000))
 
     def authorized(authorization: Optional[str] = Header(None, include_in_schema=False)) -> None:
         if api_key is None:
@@ -172,8 +214,15 @@ def create_app(scorer: Scorer, max_candidates: int = 100_000, max_body_bytes: in
         title="prerank",
         version=__version__,
         description=f"Pre-ranking service: {manifest['model']} version {manifest['version']}, {manifest['item_count']:,} items.",
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
     )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestMetrics, registry=registry, requests=requests, latency=latency)
+
+    @app.get("/metrics", dependencies=[Depends(authorized)], include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, error: RequestValidationError) -> JSONResponse:
@@ -201,6 +250,7 @@ def create_app(scorer: Scorer, max_candidates: int = 100_000, max_body_bytes: in
             raise HTTPException(422, f"{len(request.candidates)} candidates exceed this service's limit of {max_candidates}")
         try:
             result = scorer.topk(request.user_features, request.candidates, request.k, request.behaviour, request.on_unknown)
+            candidates_seen.observe(len(request.candidates))
         except UnknownItemsError as err:
             raise HTTPException(422, {"message": str(err), "unknown": err.ids[:1000]}) from None
         except RequestError as err:
@@ -230,12 +280,13 @@ def app_from_env() -> FastAPI:
     scorer = Scorer.load(settings["artifact"], device=settings["device"], verify=settings["verify"])
     api_key = read_api_key(settings["api_key_file"]) if settings["api_key_file"] else None
     return create_app(scorer, max_candidates=settings["max_candidates"], max_body_bytes=settings["max_body_bytes"],
-                      api_key=api_key)
+                      api_key=api_key, docs=settings["docs"])
 
 
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, threads: Optional[int] = 1, device: str = "cpu",
           verify: bool = True, max_candidates: int = 100_000, log_level: str = "info", workers: int = 1,
-          max_body_bytes: int = MAX_BODY_BYTES, api_key_file: str | None = None, allow_anyone: bool = False) -> None:
+          max_body_bytes: int = MAX_BODY_BYTES, api_key_file: str | None = None, allow_anyone: bool = False,
+          docs: bool = False) -> None:
     """Run the service. Off loopback it needs an API key (`api_key_file`) or the explicit waiver
     `allow_anyone`: whoever reaches the port could otherwise score and read the model."""
     import uvicorn
@@ -250,7 +301,7 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, threads: Opt
     os.environ[ENV_SETTINGS] = json.dumps({"artifact": str(artifact), "threads": threads, "device": device,
                                            "verify": False, "max_candidates": max_candidates,
                                            "max_body_bytes": max_body_bytes,
-                                           "api_key_file": str(api_key_file) if api_key_file else None})
+                                           "api_key_file": str(api_key_file) if api_key_file else None, "docs": docs})
     if workers > 1:
         uvicorn.run("prerank.serve.app:app_from_env", factory=True, host=host, port=port, log_level=log_level, workers=workers)
     else:
