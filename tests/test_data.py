@@ -217,3 +217,28 @@ def test_read_double_colon_reports_non_numbers(tmp_path):
     path.write_text("1::a\nb::c\n")
     with pytest.raises(DataError, match=r"x.dat, line 2: field 'id' is not an integer: 'b'"):
         read_double_colon(path, ["id", "name"], ["id"])
+
+
+def test_cache_writes_clean_up_after_killed_writers_and_rebuild_a_damaged_entry(tmp_path):
+    import os
+    import time
+
+    from prerank.data.table import STALE_PARTIAL_SECONDS, cached
+
+    built = []
+
+    def build():
+        built.append(1)
+        return load_synthetic(ProtocolConfig(seq_len=3), n_users=20, n_items=15, events_per_user=6, seed=1)
+
+    stale, fresh = tmp_path / ".entry.killed", tmp_path / ".entry.running"
+    for leftover in (stale, fresh):
+        leftover.mkdir()
+        (leftover / "arrays.npz").write_bytes(b"half")
+    old = time.time() - STALE_PARTIAL_SECONDS - 60
+    os.utime(stale, (old, old))
+    first = cached(tmp_path, "entry", build)
+    assert not stale.exists() and fresh.exists()  # a recent one may belong to a live writer
+    assert len(cached(tmp_path, "entry", build).train) == len(first.train) and len(built) == 1
+    (tmp_path / "entry" / "arrays.npz").write_bytes(b"truncated")
+    assert len(cached(tmp_path, "entry", build).train) == len(first.train) and len(built) == 2

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,7 @@ def save_prepared(data: PreparedData, directory: Path) -> None:
     """Write atomically: into a temporary sibling directory, then one rename."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         arrays = {f"{split}/{k}": v for split, t in data.splits.items() for k, v in t.columns.items()}
@@ -120,6 +122,22 @@ def save_prepared(data: PreparedData, directory: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# A temporary folder this old belongs to a writer that was killed (a live one finishes in minutes).
+STALE_PARTIAL_SECONDS = 6 * 3600
+
+
+def remove_stale_partials(directory: Path) -> None:
+    """Delete the temporary siblings `.NAME.*` that killed writers of `directory` left behind."""
+    now = time.time()
+    for partial in directory.parent.glob(f".{directory.name}.*"):
+        try:
+            if partial.is_dir() and now - partial.stat().st_mtime > STALE_PARTIAL_SECONDS:
+                shutil.rmtree(partial, ignore_errors=True)
+                log.info("removed %s, left by an interrupted cache write", partial)
+        except FileNotFoundError:  # another process removed it first
+            pass
 
 
 def load_prepared(directory: Path) -> PreparedData:
@@ -152,7 +170,10 @@ def cached(cache_dir: Path | None, key: str, build) -> PreparedData:
     directory = Path(cache_dir) / key
     if (directory / "meta.json").exists():
         log.info("reusing cached preprocessing at %s", directory)
-        return load_prepared(directory)
+        try:
+            return load_prepared(directory)
+        except (OSError, ValueError, KeyError, EOFError) as err:  # a damaged cache is rebuilt, not fatal
+            log.warning("cached preprocessing at %s is unreadable (%s): rebuilding it", directory, err)
     log.info("preprocessing (cached at %s)", directory)
     data = build()
     save_prepared(data, directory)
