@@ -364,6 +364,46 @@ def test_metrics_count_requests_by_status_and_docs_are_off_by_default(two_tower_
     assert guarded.get("/metrics", headers={"Authorization": "Bearer k"}).status_code == 200
 
 
+def test_health_checks_answer_while_a_large_request_is_scored(two_tower_artifact, small_data, monkeypatch):
+    import asyncio
+    import time
+
+    import httpx
+
+    import prerank.serve.app as app_module
+
+    _, path = two_tower_artifact
+    scorer = Scorer.load(path)
+    slow = scorer.topk
+
+    def slow_topk(*args, **kwargs):
+        time.sleep(0.5)  # a long scoring call, holding its thread as torch would
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(scorer, "topk", slow_topk)
+    monkeypatch.setattr(app_module, "OFFLOAD_CANDIDATES", 5)
+    user_features, behaviour = raw_request(small_data, small_data.test, 0)
+    big = {"user_features": user_features, "behaviour": behaviour, "candidates": small_data.item_raw_ids[:20].tolist()}
+
+    async def race() -> list[str]:
+        finished = []
+        transport = httpx.ASGITransport(app=create_app(scorer))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            async def score():
+                assert (await client.post("/v1/prerank", json=big)).status_code == 200
+                finished.append("score")
+
+            async def health():
+                await asyncio.sleep(0.1)
+                assert (await client.get("/healthz")).status_code == 200
+                finished.append("health")
+
+            await asyncio.gather(score(), health())
+        return finished
+
+    assert asyncio.run(race()) == ["health", "score"]
+
+
 def test_serving_never_imports_the_trainer(two_tower_artifact):
     _, path = two_tower_artifact
     code = ("import sys; import prerank.cli; from prerank.serve.app import create_app; from prerank.serve.scorer import Scorer; "

@@ -13,9 +13,11 @@ before it is parsed; strings hold at most 1,000 characters of valid Unicode, the
 most 10,000 ids, the candidates at most
 `max_candidates`, each once; a raw dense value more than 1,000 training ranges outside the values
 the model was trained on is refused (it would saturate the model into equal scores).
-The scoring handler is `async` and scores on the event loop: a request is about a millisecond of
-CPU on one torch thread, and a thread-pool hop per request cost more CPU and widened the tail
-(measured with `prerank load-test`). Scale out with processes (`--workers`): they share the
+The scoring handler is `async` and scores a request of up to `OFFLOAD_CANDIDATES` candidates on
+the event loop: such a request is about a millisecond of CPU on one torch thread, and a
+thread-pool hop per request cost more CPU and widened the tail (measured with `prerank
+load-test`). A larger request is scored in a worker thread (torch releases the GIL), so that
+health checks and small requests are answered meanwhile. Scale out with processes (`--workers`): they share the
 memory-mapped item-state table through the page cache. The OpenAPI schema is at /openapi.json;
 the interactive /docs page (its scripts come from a CDN) only with `docs`.
 """
@@ -32,6 +34,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.exceptions import RequestValidationError
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
@@ -43,6 +46,8 @@ from prerank.serve.scorer import RequestError, Scorer, UnknownItemsError
 MAX_BODY_BYTES = 4 << 20
 MAX_STRING_LENGTH = 1_000
 MAX_BEHAVIOUR = 10_000
+# Requests with more candidates are scored off the event loop (module docstring).
+OFFLOAD_CANDIDATES = 5_000
 
 
 Text = Annotated[str, Field(max_length=MAX_STRING_LENGTH)]
@@ -249,7 +254,11 @@ def create_app(scorer: Scorer, max_candidates: int = 100_000, max_body_bytes: in
         if len(request.candidates) > max_candidates:
             raise HTTPException(422, f"{len(request.candidates)} candidates exceed this service's limit of {max_candidates}")
         try:
-            result = scorer.topk(request.user_features, request.candidates, request.k, request.behaviour, request.on_unknown)
+            call = (request.user_features, request.candidates, request.k, request.behaviour, request.on_unknown)
+            if len(request.candidates) > OFFLOAD_CANDIDATES:
+                result = await run_in_threadpool(scorer.topk, *call)
+            else:
+                result = scorer.topk(*call)
             candidates_seen.observe(len(request.candidates))
         except UnknownItemsError as err:
             raise HTTPException(422, {"message": str(err), "unknown": err.ids[:1000]}) from None
