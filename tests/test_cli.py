@@ -115,3 +115,37 @@ def test_quickstart_beats_the_base_rate_and_says_so(tmp_path):
     assert "base-rate log loss" in result.output
     metrics = json.loads((tmp_path / "qs" / "two_tower" / "metrics.json").read_text())
     assert metrics["test"]["logloss"] < 0.69 and metrics["test"]["auc"] > 0.72  # base rate: 0.692
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    import torch
+
+    import prerank.train.trainer as trainer_module
+
+    common = ["train", "--dataset", "synthetic", "--model", "two_tower", "--epochs", "4", "--patience", "4", "--seq-len", "5",
+              "--embed-dim", "8", "--batch-size", "512", "--set", "hidden=[16]", "--set", "dropout=0.2", "--no-progress"]
+    whole = runner.invoke(app, [*common, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    calls = []
+    real_auc = trainer_module.auc
+
+    def auc_then_interrupt(*args):
+        calls.append(1)
+        if len(calls) == 3:  # during epoch 3's validation: epochs 1 and 2 are complete
+            raise KeyboardInterrupt
+        return real_auc(*args)
+
+    monkeypatch.setattr(trainer_module, "auc", auc_then_interrupt)
+    cut = runner.invoke(app, [*common, "--out", str(tmp_path / "cut")])
+    assert cut.exit_code == 130 and "prerank train --resume" in cut.output and not (tmp_path / "cut").exists()
+    monkeypatch.undo()
+    assert runner.invoke(app, ["train", "--resume", str(tmp_path / "cut"), "--epochs", "9"]).exit_code == 2  # no run flags
+    resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "cut"), "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after epoch 2" in resumed.output and "epoch 3: loss" in resumed.output and "epoch 1: loss" not in resumed.output
+    a, b = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("whole", "cut"))
+    assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"]
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    weights = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["state_dict"] for name in ("whole", "cut")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not (tmp_path / "cut.partial").exists()

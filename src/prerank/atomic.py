@@ -37,22 +37,27 @@ def write_json_atomic(path: str | Path, payload) -> None:
 
 
 @contextmanager
-def staged_directory(path: str | Path, overwrite: bool = False, enabled: bool = True) -> Iterator[Path]:
+def staged_directory(path: str | Path, overwrite: bool = False, enabled: bool = True, resume: bool = False) -> Iterator[Path]:
     """A run's output folder written whole or not at all: yields OUT.partial (emptied first, so a
     killed run's leftovers never mix in), renamed to `path` on success. An existing non-empty
     `path` is an error unless `overwrite`, then it is replaced only once the new run is complete.
     On failure the partial folder stays for inspection and `path` is untouched. With `enabled`
-    False (a process that writes nothing, e.g. a non-main rank) the partial path is only yielded."""
+    False (a process that writes nothing, e.g. a non-main rank) the partial path is only yielded.
+    With `resume` the partial folder of an interrupted run is kept and continued (and replaces `path`)."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     if not enabled:
         yield partial
         return
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise ValueError(f"{path} already holds a run: give --overwrite to replace it, or another --out")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    if resume:
+        if not partial.is_dir():
+            raise ValueError(f"{partial}: no interrupted run to resume")
+    else:
+        if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+            raise ValueError(f"{path} already holds a run: give --overwrite to replace it, or another --out")
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
     yield partial
     if path.exists():
         old = path.with_name(path.name + ".old")

@@ -47,7 +47,7 @@ VARIANT_NAME = re.compile(r"[\w.-]+@[\w.-]+")
 SECTIONS = ("dataset", "protocol", "model", "training", "cascade", "hybrid")
 DEFAULT_MODEL = "two_tower"
 # Where a run runs, not what it is: these `TrainConfig` fields are the command line's only.
-COMMAND_LINE_ONLY = {"device": "--device", "progress": "--progress/--no-progress"}
+COMMAND_LINE_ONLY = {"device": "--device", "progress": "--progress/--no-progress", "resume": "--resume"}
 PATH_KEYS = (("dataset", "data_dir"), ("cascade",))
 
 

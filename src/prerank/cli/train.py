@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -74,6 +75,8 @@ def train(
     hybrid: list[str] = typer.Option([], "--hybrid", help="hybrid-loss override key=value, e.g. distill_weight=0 (with --cascade)"),
     out: Path = typer.Option(Path("runs/latest"), help="output folder: metrics.json, checkpoint.pt, run.yaml"),
     overwrite: bool = typer.Option(False, help="replace an existing --out run (only once the new one is complete)"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run that was interrupted writing this --out folder, "
+                                          "from its last completed epoch (the run as it was recorded: no other run flags)"),
     progress: bool = typer.Option(True, help="show progress bars"),
     eval_candidates: str = typer.Option("dataset", help="top-K test ranking of implicit datasets: full (the catalogue), "
                                         "sampled (the dataset's 100 sampled items), sampled:N, none, or dataset (both)"),
@@ -88,11 +91,19 @@ def train(
     from prerank.train.run import run_training
 
     with user_errors():
+        if resume is not None:
+            out = resume
+            config = resume.with_name(resume.name + ".partial") / "run.yaml"
+            if not config.exists():
+                raise ValueError(f"{config.parent}: no interrupted run to resume (its run.yaml is missing)")
         layers = [read_run_file(config)] if config is not None else []
         flags = dict(dataset=dataset, data_dir=data_dir, ratings_file=ratings_file, protocol=protocol, seq_len=seq_len,
                      negatives=negatives, model=model, embed_dim=embed_dim, epochs=epochs, batch_size=batch_size, lr=lr,
                      patience=patience, seed=seed, threads=threads, eval_candidates=eval_candidates, cascade=cascade)
         given = {flag: value for flag, value in flags.items() if given_on_command_line(ctx, flag)}
+        if resume is not None and (given or set_ or hybrid):
+            raise ValueError(f"--resume continues the run as it was recorded in {config}: drop "
+                             f"{sorted(['--' + f.replace('_', '-') for f in given] + (['--set'] if set_ else []) + (['--hybrid'] if hybrid else []))}")
         if "@" in given.get("model", ""):
             layers.append(read_variant(given.pop("model")))
         layers.append(flag_layer(given, parse_overrides(set_), parse_overrides(hybrid, "--hybrid")))
@@ -116,17 +127,17 @@ def train(
             source["dataset"] = data.meta["dataset"]
         main = distributed_context().is_main
         # Written to OUT.partial and renamed when complete: a killed run never leaves OUT mixing two runs.
-        with staged_directory(out, overwrite, enabled=main) as stage:
-            try:
-                metrics = run_training(data, run.model, run.train_config(device, progress), run.model_options, stage,
-                                       source, lists, run.hybrid)
-            except KeyboardInterrupt:
-                typer.secho(f"interrupted: {out} is untouched; what the run wrote so far is in {stage}",
-                            fg=typer.colors.YELLOW, err=True)
-                raise typer.Exit(130) from None
-            if main:
+        with staged_directory(out, overwrite or resume is not None, enabled=main, resume=resume is not None) as stage:
+            if main:  # first, so that an interrupted run can be resumed from its folder
                 run.write(stage / "run.yaml", f"The run in this folder, written by `prerank train`; rerun it with\n"
                                               f"  prerank train --config {out / 'run.yaml'} --out DIR")
+            train_config = dataclasses.replace(run.train_config(device, progress), resume=resume is not None)
+            try:
+                metrics = run_training(data, run.model, train_config, run.model_options, stage, source, lists, run.hybrid)
+            except KeyboardInterrupt:
+                typer.secho(f"interrupted: {out} is untouched; what the run wrote so far is in {stage}; continue it "
+                            f"with\n  prerank train --resume {out}", fg=typer.colors.YELLOW, err=True)
+                raise typer.Exit(130) from None
     if not main:
         return
     test = metrics["test"]

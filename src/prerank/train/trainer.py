@@ -30,10 +30,14 @@ from prerank.data.table import LABEL, SampleTable
 from prerank.metrics import auc, pointwise_report
 from prerank.models.base import PreRankModel
 from prerank.train import distributed
-from prerank.models.checkpoint import save_checkpoint
+from prerank.models.checkpoint import atomic_torch_save, save_checkpoint
 
 
 EvalCandidates = Annotated[str, Field(pattern=r"^(dataset|full|sampled(:[1-9][0-9]*)?|none)$")]
+
+
+# The per-epoch resume state a run writes in its output folder (`Trainer.run_epochs`).
+RESUME_FILE = "resume.pt"
 
 
 @config_dataclass
@@ -52,6 +56,9 @@ class TrainConfig:
     # Top-K evaluation of implicit datasets (train/ranking.py, `ranking_candidates`): "dataset"
     # keeps the dataset's own candidate sets (the full catalogue and 100 sampled items).
     eval_candidates: EvalCandidates = "dataset"
+    # Continue from the resume state (`RESUME_FILE`) a run left in its output folder; every epoch
+    # writes one, so an interrupted run ends as the uninterrupted one would have.
+    resume: bool = False
 
 
 @dataclass
@@ -193,14 +200,32 @@ class Trainer:
         """Adam over `batches(generator)` each epoch, early stopping on `validate()` (higher is
         better), best weights restored at the end. `loss_fn(batch)` gives (loss, named terms);
         `count_key` names the batch tensor whose length counts the batch's examples (rows or
-        requests) for the logged means; `on_best(epoch, value)` runs when validation improves."""
+        requests) for the logged means; `on_best(epoch, value)` runs when validation improves.
+
+        With `out_dir`, the end of every epoch writes OUT/`RESUME_FILE`: weights, optimizer, the
+        batch order's and torch's random states, the best weights so far, early stopping and the
+        history. With `config.resume` the loop starts from that file (a finished one returns at once)."""
         c = self.config
         progress = c.progress and ctx.is_main
         optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay)
         generator = torch.Generator().manual_seed(c.seed)
         best_state = copy.deepcopy(self.model.state_dict())
-        stale = 0
-        for epoch in range(1, c.epochs + 1):
+        stale, first_epoch = 0, 1
+        resume_path = None if out_dir is None else Path(out_dir) / RESUME_FILE
+        if c.resume and resume_path is not None and resume_path.exists():
+            saved = torch.load(resume_path, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            generator.set_state(saved["generator"])
+            torch.set_rng_state(saved["torch_rng"])
+            best_state, stale, first_epoch = saved["best_state"], saved["stale"], saved["epoch"] + 1
+            self.best_valid, self.best_epoch = saved["best_valid"], saved["best_epoch"]
+            self.history = [EpochLog(**h) for h in saved["history"]]
+            if ctx.is_main:
+                tqdm.write(f"resuming after epoch {saved['epoch']} ({resume_path})")
+            if saved["finished"]:
+                first_epoch = c.epochs + 1
+        for epoch in range(first_epoch, c.epochs + 1):
             self.model.train()
             started, cpu_started = time.perf_counter(), time.process_time()
             total, count, term_totals = 0.0, 0, {}
@@ -238,8 +263,15 @@ class Trainer:
                     on_best(epoch, valid_value)
             else:
                 stale += 1
-                if stale >= c.patience:
-                    break
+            finished = stale >= c.patience or epoch == c.epochs
+            if resume_path is not None and ctx.is_main:
+                atomic_torch_save({"model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                                   "best_state": best_state, "best_valid": self.best_valid, "best_epoch": self.best_epoch,
+                                   "stale": stale, "epoch": epoch, "finished": finished,
+                                   "history": [asdict(h) for h in self.history]}, resume_path)
+            if finished:
+                break
         self.model.load_state_dict(best_state)
         if out_dir is not None and ctx.is_main:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
