@@ -148,4 +148,4 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     weights = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["state_dict"] for name in ("whole", "cut")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    assert not (tmp_path / "cut.partial").exists()
+    assert not (tmp_path / "cut.partial").exists() and not list(tmp_path.rglob("resume.pt"))

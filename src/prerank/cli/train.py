@@ -89,6 +89,7 @@ def train(
     from prerank.run_config import merge, read_run_file, read_variant, validate
     from prerank.train.distributed import context as distributed_context
     from prerank.train.run import run_training
+    from prerank.train.trainer import RESUME_FILE
 
     with user_errors():
         if resume is not None:
@@ -138,6 +139,9 @@ def train(
                 typer.secho(f"interrupted: {out} is untouched; what the run wrote so far is in {stage}; continue it "
                             f"with\n  prerank train --resume {out}", fg=typer.colors.YELLOW, err=True)
                 raise typer.Exit(130) from None
+            if main:  # complete: the resume states (a few times the model's size) have served
+                for state in stage.rglob(RESUME_FILE):
+                    state.unlink()
     if not main:
         return
     test = metrics["test"]
