@@ -207,7 +207,8 @@ def create_app(scorer: Scorer, max_candidates: int = 100_000, max_body_bytes: in
     candidates_seen = Histogram("prerank_candidates", "candidates per scored request", registry=registry,
                                 buckets=(1, 10, 100, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000))
 
-    def authorized(authorization: Optional[str] = Header(None, include_in_schema=False)) -> None:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
+    async def authorized(authorization: Optional[str] = Header(None, include_in_schema=False)) -> None:
         if api_key is None:
             return
         scheme, _, token = (authorization or "").partition(" ")
