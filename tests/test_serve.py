@@ -402,6 +402,10 @@ def test_health_checks_answer_while_a_large_request_is_scored(two_tower_artifact
         return finished
 
     assert asyncio.run(race()) == ["health", "score"]
+    timed = TestClient(create_app(scorer, request_timeout=0.1))
+    response = timed.post("/v1/prerank", json=big)
+    assert response.status_code == 503 and "longer than this service's 0.1 s limit" in response.text
+    assert response.headers["retry-after"] == "1"
 
 
 def test_serving_never_imports_the_trainer(two_tower_artifact):

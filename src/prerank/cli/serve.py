@@ -59,6 +59,8 @@ def serve(
     api_key_file: Optional[Path] = typer.Option(None, help="a file holding the key clients send as 'Authorization: Bearer <key>'"),
     no_auth: bool = typer.Option(False, "--no-auth", help="serve a non-loopback --host without an API key"),
     docs: bool = typer.Option(False, help="serve the interactive /docs page (its scripts load from a CDN)"),
+    request_timeout: float = typer.Option(30.0, min=0, help="answer 503 to a large request still scoring after this "
+                                          "many seconds (0: wait)"),
     log_level: str = typer.Option("info"),
     workers: int = typer.Option(1, help="server processes (they share the memory-mapped item-state table)"),
 ) -> None:
@@ -67,7 +69,8 @@ def serve(
 
     with user_errors():
         run_server(str(artifact), host, port, threads or None, device, verify, max_candidates, log_level, workers,
-                   max_body_bytes, str(api_key_file) if api_key_file else None, no_auth, docs)
+                   max_body_bytes, str(api_key_file) if api_key_file else None, no_auth, docs,
+                   request_timeout or None)
 
 
 def bench_serve(

@@ -24,6 +24,7 @@ the interactive /docs page (its scripts come from a CDN) only with `docs`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -192,11 +193,13 @@ def is_loopback(host: str) -> bool:
 
 
 def create_app(scorer: Scorer, max_candidates: int = 100_000, max_body_bytes: int = MAX_BODY_BYTES,
-               api_key: str | None = None, docs: bool = False) -> FastAPI:
+               api_key: str | None = None, docs: bool = False, request_timeout: float | None = 30.0) -> FastAPI:
     """The app over `scorer`; with `api_key`, /v1/* and /metrics answer only requests with the
     header `Authorization: Bearer <api_key>` (401 otherwise); /healthz stays open. `docs` serves
     the interactive /docs page, whose scripts the browser fetches from a CDN (off by default: the
-    schema is at /openapi.json either way)."""
+    schema is at /openapi.json either way). A request scored off the event loop that takes longer
+    than `request_timeout` seconds is answered 503 with Retry-After (its thread finishes in the
+    background: torch cannot be interrupted); None waits for it."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
     manifest = scorer.manifest
@@ -257,7 +260,11 @@ def create_app(scorer: Scorer, max_candidates: int = 100_000, max_body_bytes: in
         try:
             call = (request.user_features, request.candidates, request.k, request.behaviour, request.on_unknown)
             if len(request.candidates) > OFFLOAD_CANDIDATES:
-                result = await run_in_threadpool(scorer.topk, *call)
+                try:
+                    result = await asyncio.wait_for(run_in_threadpool(scorer.topk, *call), request_timeout)
+                except asyncio.TimeoutError:
+                    raise HTTPException(503, f"scoring {len(request.candidates):,} candidates took longer than this "
+                                             f"service's {request_timeout:g} s limit; send fewer", headers={"Retry-After": "1"}) from None
             else:
                 result = scorer.topk(*call)
             candidates_seen.observe(len(request.candidates))
@@ -290,13 +297,13 @@ def app_from_env() -> FastAPI:
     scorer = Scorer.load(settings["artifact"], device=settings["device"], verify=settings["verify"])
     api_key = read_api_key(settings["api_key_file"]) if settings["api_key_file"] else None
     return create_app(scorer, max_candidates=settings["max_candidates"], max_body_bytes=settings["max_body_bytes"],
-                      api_key=api_key, docs=settings["docs"])
+                      api_key=api_key, docs=settings["docs"], request_timeout=settings["request_timeout"])
 
 
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, threads: Optional[int] = 1, device: str = "cpu",
           verify: bool = True, max_candidates: int = 100_000, log_level: str = "info", workers: int = 1,
           max_body_bytes: int = MAX_BODY_BYTES, api_key_file: str | None = None, allow_anyone: bool = False,
-          docs: bool = False) -> None:
+          docs: bool = False, request_timeout: float | None = 30.0) -> None:
     """Run the service. Off loopback it needs an API key (`api_key_file`) or the explicit waiver
     `allow_anyone`: whoever reaches the port could otherwise score and read the model."""
     import uvicorn
@@ -311,7 +318,8 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, threads: Opt
     os.environ[ENV_SETTINGS] = json.dumps({"artifact": str(artifact), "threads": threads, "device": device,
                                            "verify": False, "max_candidates": max_candidates,
                                            "max_body_bytes": max_body_bytes,
-                                           "api_key_file": str(api_key_file) if api_key_file else None, "docs": docs})
+                                           "api_key_file": str(api_key_file) if api_key_file else None, "docs": docs,
+                                           "request_timeout": request_timeout})
     if workers > 1:
         uvicorn.run("prerank.serve.app:app_from_env", factory=True, host=host, port=port, log_level=log_level, workers=workers)
     else:
