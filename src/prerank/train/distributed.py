@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 from dataclasses import dataclass
 
@@ -87,6 +88,10 @@ def session(device: str = "cpu"):
         if ok:
             dist.barrier()
         dist.destroy_process_group()
+        # Free what still references the group's work (DDP reducers of finished trainers) while the
+        # interpreter is alive: freed at interpreter exit instead, gloo's threads can take the GIL
+        # mid-teardown and abort the process (seen once in CI under load, exit -6 after all work).
+        gc.collect()
 
 
 def data_parallel(command):
