@@ -107,6 +107,45 @@ def test_http_scores_equal_the_training_forward_pass(name, small_data, tmp_path)
         assert top3["items"] == body["items"][:3]
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_runtime_scores_equal_the_training_forward_pass(name, small_data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from prerank.serve.onnx import OnnxUnavailable
+
+    model = trained(name, small_data)
+    if name == "lttd":  # the TorchScript tracer freezes its attention's reshape to the traced list length
+        with pytest.raises(OnnxUnavailable, match="lttd's ONNX graphs fail on 5 candidates"):
+            export_artifact(model, small_data, tmp_path / "artifact", onnx=True)
+        assert not (tmp_path / "artifact").exists()
+        return
+    export_artifact(model, small_data, tmp_path / "artifact", onnx=True)
+    manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
+    assert manifest["onnx"]["candidates"]["outputs"] == ["logits"] and "onnx/candidates.onnx" in manifest["files"]
+    onnx, torch_backend = (Scorer.load(tmp_path / "artifact", backend=b) for b in ("onnxruntime", "torch"))
+    rng = np.random.default_rng(1)
+    for row in (0, 7, 31):
+        for size in (1, 25):  # the candidate axis is dynamic
+            item_rows = rng.choice(len(small_data.item_raw_ids), size=size, replace=False)
+            candidates = small_data.item_raw_ids[item_rows].tolist()
+            user_features, behaviour = raw_request(small_data, small_data.test, row)
+            served = onnx.score(user_features, candidates, behaviour).scores
+            expected = forward_logits(model, small_data, small_data.test, row, item_rows)
+            torch.testing.assert_close(torch.from_numpy(served), expected, atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(served, torch_backend.score(user_features, candidates, behaviour).scores, atol=1e-5, rtol=1e-5)
+    client = TestClient(create_app(onnx))
+    user_features, behaviour = raw_request(small_data, small_data.test, 3)
+    body = {"user_features": user_features, "behaviour": behaviour, "candidates": small_data.item_raw_ids[:9].tolist(), "k": 4}
+    assert client.post("/v1/prerank", json=body).json()["items"] == TestClient(create_app(torch_backend)).post("/v1/prerank", json=body).json()["items"]
+
+
+def test_the_onnx_backend_needs_graphs_in_the_artifact(two_tower_artifact):
+    _, path = two_tower_artifact
+    with pytest.raises(ArtifactError, match="exported without ONNX graphs; re-export with `prerank export --onnx`"):
+        Scorer.load(path, backend="onnxruntime")
+    with pytest.raises(ValueError, match="backend must be"):
+        Scorer.load(path, backend="tensorrt")
+
+
 def test_artifact_holds_the_catalogue_table_and_a_manifest(two_tower_artifact, small_data):
     model, path = two_tower_artifact
     manifest = json.loads((path / "manifest.json").read_text())

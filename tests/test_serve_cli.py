@@ -62,3 +62,19 @@ def test_export_and_serve_errors_are_messages(tmp_path):
     assert result.exit_code == 2 and "not an artifact" in result.output
     result = runner.invoke(app, ["load-test", str(tmp_path), "--url", "http://10.0.0.1:80"])
     assert result.exit_code == 2 and "not an artifact" in result.output
+
+
+def test_export_onnx_and_bench_both_backends(checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime")
+    artifact = tmp_path / "artifact"
+    result = runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--out", str(artifact), "--onnx"])
+    assert result.exit_code == 0, result.output
+    assert (artifact / "onnx" / "user.onnx").exists() and (artifact / "onnx" / "candidates.onnx").exists()
+    results = tmp_path / "results"
+    for backend in ("torch", "onnxruntime"):
+        result = runner.invoke(app, ["bench-serve", str(artifact), "--sizes", "10,100", "--repeats", "3", "--warmup", "1",
+                                     "--k", "5", "--backend", backend, "--out", str(results)])
+        assert result.exit_code == 0, result.output
+    assert json.loads((results / "two_tower.onnxruntime.bench.json").read_text())["backend"] == "onnxruntime"
+    summary = (results / "README.md").read_text()
+    assert "| two_tower | torch |" in summary and "| two_tower | onnxruntime |" in summary

@@ -24,6 +24,7 @@ def export(
     cache_dir: Optional[Path] = typer.Option(None),
     device: str = typer.Option("cpu", help="device that computes the item-state table"),
     overwrite: bool = typer.Option(False, help="replace an existing artifact"),
+    onnx: bool = typer.Option(False, help="also write the user and candidate stages as ONNX graphs (needs prerank[onnx])"),
 ) -> None:
     """Write a serving artifact: weights, config, schema, vocabularies and the item-state table."""
     from prerank.data.datasets import load_recorded
@@ -36,7 +37,7 @@ def export(
         if not source:
             fail(f"{checkpoint}: no data source recorded; retrain with `prerank train`")
         data = load_recorded(source, data_dir, cache_dir)
-        manifest = export_artifact(model.to(device), data, out, version=version, overwrite=overwrite,
+        manifest = export_artifact(model.to(device), data, out, version=version, overwrite=overwrite, onnx=onnx,
                                    source={**source, "checkpoint": str(checkpoint), "epoch": payload["extra"].get("epoch")})
     if not manifest["decoupled"]:
         typer.secho(f"note: {manifest['model']} does not decouple: its item state is raw item features and all work is "
@@ -55,6 +56,7 @@ def serve(
     device: str = typer.Option("cpu"),
     verify: bool = typer.Option(True, help="check file checksums against the manifest on start"),
     max_candidates: int = typer.Option(100_000, help="reject requests with more candidates"),
+    backend: str = typer.Option("torch", help="torch, or onnxruntime (an artifact exported with --onnx)"),
     max_body_bytes: int = typer.Option(4 << 20, min=1, help="answer 413 to a request body over this size, before parsing it"),
     api_key_file: Optional[Path] = typer.Option(None, help="a file holding the key clients send as 'Authorization: Bearer <key>'"),
     no_auth: bool = typer.Option(False, "--no-auth", help="serve a non-loopback --host without an API key"),
@@ -70,7 +72,7 @@ def serve(
     with user_errors():
         run_server(str(artifact), host, port, threads or None, device, verify, max_candidates, log_level, workers,
                    max_body_bytes, str(api_key_file) if api_key_file else None, no_auth, docs,
-                   request_timeout or None)
+                   request_timeout or None, backend)
 
 
 def bench_serve(
@@ -85,13 +87,14 @@ def bench_serve(
                                              "default-config Two-Tower on the same schema)"),
     out: Path = typer.Option(RESULTS, help="folder for MODEL.bench.json/.md and the README.md summary"),
     seed: int = typer.Option(0),
+    backend: str = typer.Option("torch", help="torch, or onnxruntime (an artifact exported with --onnx)"),
 ) -> None:
     """Latency of one request (user and candidate stage, p50/p99) at each N; storage per item; parameters."""
     from prerank.serve.bench import bench_markdown, bench_serve as run_bench, write_bench
 
     with user_errors():
         n_values = tuple(int(n) for n in sizes.split(","))
-        result = run_bench(artifact, n_values, threads, device, repeats, warmup, k, reference, seed)
+        result = run_bench(artifact, n_values, threads, device, repeats, warmup, k, reference, seed, backend=backend)
     json_path, md_path = write_bench(result, out)
     typer.echo(bench_markdown(result))
     typer.echo(f"wrote {json_path} and {md_path}")

@@ -42,6 +42,8 @@ class EmbeddingBank(nn.Module):
     def pooled(self, feature: Feature, ids: Tensor) -> Tensor:
         """A bag or sequence of ids [..., S] -> [..., d], the mean of its non-padding embeddings
         (zeros for an all-padding bag): `masked_mean` of `lookup`, in one embedding-bag op."""
+        if torch.onnx.is_in_onnx_export():  # ONNX has no embedding bag with a padding index: the same mean, unfused
+            return masked_mean(self.lookup(feature, ids), ids != PAD_INDEX)
         table = self.tables[feature.vocab]
         flat = ids.reshape(-1, ids.shape[-1])
         pooled = nn.functional.embedding_bag(flat, table.weight, mode="mean", padding_idx=PAD_INDEX)

@@ -294,7 +294,8 @@ def app_from_env() -> FastAPI:
     settings = json.loads(os.environ[ENV_SETTINGS])
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
-    scorer = Scorer.load(settings["artifact"], device=settings["device"], verify=settings["verify"])
+    scorer = Scorer.load(settings["artifact"], device=settings["device"], verify=settings["verify"],
+                         backend=settings["backend"], threads=settings["threads"] or 1)
     api_key = read_api_key(settings["api_key_file"]) if settings["api_key_file"] else None
     return create_app(scorer, max_candidates=settings["max_candidates"], max_body_bytes=settings["max_body_bytes"],
                       api_key=api_key, docs=settings["docs"], request_timeout=settings["request_timeout"])
@@ -303,7 +304,7 @@ def app_from_env() -> FastAPI:
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, threads: Optional[int] = 1, device: str = "cpu",
           verify: bool = True, max_candidates: int = 100_000, log_level: str = "info", workers: int = 1,
           max_body_bytes: int = MAX_BODY_BYTES, api_key_file: str | None = None, allow_anyone: bool = False,
-          docs: bool = False, request_timeout: float | None = 30.0) -> None:
+          docs: bool = False, request_timeout: float | None = 30.0, backend: str = "torch") -> None:
     """Run the service. Off loopback it needs an API key (`api_key_file`) or the explicit waiver
     `allow_anyone`: whoever reaches the port could otherwise score and read the model."""
     import uvicorn
@@ -319,7 +320,7 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, threads: Opt
                                            "verify": False, "max_candidates": max_candidates,
                                            "max_body_bytes": max_body_bytes,
                                            "api_key_file": str(api_key_file) if api_key_file else None, "docs": docs,
-                                           "request_timeout": request_timeout})
+                                           "request_timeout": request_timeout, "backend": backend})
     if workers > 1:
         uvicorn.run("prerank.serve.app:app_from_env", factory=True, host=host, port=port, log_level=log_level, workers=workers)
     else:

@@ -20,6 +20,7 @@ This module imports models and data only, never the trainer.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -97,12 +98,15 @@ def export_artifact(
     source: dict | None = None,
     overwrite: bool = False,
     batch_size: int = 8192,
+    onnx: bool = False,
 ) -> dict:
     """Write `model` and the item-state table of `data`'s catalogue to the directory `out`.
 
     Everything goes to a temporary sibling directory first and is renamed into place, so a reader
     never sees a half-written artifact. `version` defaults to the first 12 hex digits of the
-    weights' checksum (the same weights give the same version). Returns the manifest."""
+    weights' checksum (the same weights give the same version). With `onnx`, the user and candidate
+    stages are also written as ONNX graphs (`prerank.serve.onnx`), from a copy of the model in its
+    serving form. Returns the manifest."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
@@ -126,6 +130,13 @@ def export_artifact(
                 raise ArtifactError(f"item state {name!r} has {array.shape[0]} rows for {item_count} catalogue items")
             np.save(tmp / STATE_DIR / f"{name}.npy", array, allow_pickle=False)
         np.save(tmp / IDS_FILE, raw_ids_array(data.item_raw_ids), allow_pickle=False)
+        onnx_spec = None
+        if onnx:
+            from prerank.serve.onnx import ONNX_DIR, export_onnx
+
+            serving_copy = copy.deepcopy(model).cpu()
+            serving_copy.prepare_for_serving()
+            onnx_spec = export_onnx(serving_copy, table, tmp / ONNX_DIR)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
         model_spec = {"model": model.name, "model_config": config_to_dict(model.config), "schema": model.schema.to_dict()}
         (tmp / "model.json").write_text(json.dumps(model_spec, indent=2, default=str))
@@ -152,6 +163,7 @@ def export_artifact(
             "torch_version": torch.__version__,
             "files": files,
             "checksum": combined_checksum(files),
+            **({"onnx": onnx_spec} if onnx_spec else {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():

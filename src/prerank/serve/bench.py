@@ -98,9 +98,10 @@ def bench_serve(
     reference: str | Path | None = None,
     seed: int = 0,
     distinct_requests: int = 32,
+    backend: str = "torch",
 ) -> dict:
     torch.set_num_threads(threads)
-    scorer = Scorer.load(artifact, device=device)
+    scorer = Scorer.load(artifact, device=device, backend=backend, threads=threads)
     manifest = scorer.manifest
     sampler = RequestSampler(scorer.schema, scorer.artifact.vocabs, scorer.artifact.item_ids, seed)
     cuda = scorer.device.type == "cuda"
@@ -134,6 +135,7 @@ def bench_serve(
         ref_bytes, ref_from = reference_bytes_per_item(scorer.schema), f"default-config {REFERENCE_MODEL} on the same schema"
     return {
         "model": manifest["model"],
+        "backend": backend,
         "version": manifest["version"],
         "dataset": manifest.get("dataset"),
         "protocol": manifest.get("protocol"),
@@ -306,7 +308,8 @@ def plot_latency(cpu_total: dict[tuple[str, str], dict[int, dict]], out: Path) -
 
 def write_bench(result: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
-    json_path, md_path = out_dir / f"{result['model']}.bench.json", out_dir / f"{result['model']}.bench.md"
+    stem = result["model"] if _backend(result) == "torch" else f"{result['model']}.{_backend(result)}"
+    json_path, md_path = out_dir / f"{stem}.bench.json", out_dir / f"{stem}.bench.md"
     write_text_atomic(json_path, json.dumps(result, indent=2))
     write_text_atomic(md_path, bench_markdown(result))
     write_summary(out_dir)

@@ -101,10 +101,24 @@ class ScoreResult:
     unknown: list = field(default_factory=list)  # candidate ids skipped as not in the catalogue
 
 
+Backend = Literal["torch", "onnxruntime"]
+
+
 class Scorer:
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, backend: Backend = "torch", threads: int = 1) -> None:
         self.artifact = artifact
         self.model = artifact.model
+        self.backend = backend
+        # What runs the two online stages: the model itself, or its ONNX graphs in ONNX Runtime.
+        self.stages = self.model
+        if backend == "onnxruntime":
+            from prerank.serve.onnx import ONNX_DIR, OnnxStages
+
+            if "onnx" not in artifact.manifest:
+                raise ArtifactError(f"{artifact.path}: exported without ONNX graphs; re-export with `prerank export --onnx`")
+            self.stages = OnnxStages(artifact.path / ONNX_DIR, artifact.manifest["onnx"], threads)
+        elif backend != "torch":
+            raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
         self.schema = artifact.schema
         self.device = next(iter(artifact.item_table.values())).device
         self.items = ValueIndex(artifact.item_ids.tolist())
@@ -119,8 +133,13 @@ class Scorer:
         self.vocab_index = {f.vocab: ValueIndex(artifact.vocabs[f.vocab], FIRST_KNOWN_INDEX) for f in self.user_features if f.is_id}
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", verify: bool = True) -> Scorer:
-        return cls(load_artifact(path, device=device, verify=verify))
+    def load(cls, path: str | Path, device: str = "cpu", verify: bool = True, backend: Backend = "torch",
+             threads: int = 1) -> Scorer:
+        """The artifact at `path`, served by `backend` ("onnxruntime" needs an artifact exported with
+        `--onnx`, on the CPU; `threads` is its intra-op thread count)."""
+        if backend == "onnxruntime" and device != "cpu":
+            raise ValueError("the onnxruntime backend serves on the CPU")
+        return cls(load_artifact(path, device=device, verify=verify), backend, threads)
 
     @property
     def manifest(self) -> dict:
@@ -235,13 +254,13 @@ class Scorer:
     @torch.inference_mode()
     def user_state(self, user_features: Mapping[str, Any], behaviour: Sequence | None = None) -> State:
         """The per-request stage: encode the raw request and run `encode_user` once."""
-        return self.model.encode_user(self.encode_request(user_features, behaviour))
+        return self.stages.encode_user(self.encode_request(user_features, behaviour))
 
     @torch.inference_mode()
     def score_rows(self, user_state: State, rows: np.ndarray) -> Tensor:
         """The per-candidate stage: gather N item states and one vectorised `score` -> logits [N]."""
         index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device)
-        return self.model.score(user_state, gather_items(self.artifact.item_table, index[None, :]))[0]
+        return self.stages.score(user_state, gather_items(self.artifact.item_table, index[None, :]))[0]
 
     # -- the API ------------------------------------------------------------------------------
     def score(
