@@ -180,7 +180,7 @@ LATENCY_HEADER = (
 def bench_markdown(result: dict) -> str:
     s, c = result["storage"], result["conditions"]
     lines = [
-        f"# Serving cost: {result['model']} ({result['dataset']}, {result['protocol']} protocol)",
+        f"# Serving cost: {result['model']} on {_backend(result)} ({result['dataset']}, {result['protocol']} protocol)",
         "",
         f"Device {c['device']}{' (' + c['gpu'] + ')' if c['gpu'] else ''}, {c['torch_threads']} torch thread(s), "
         f"{c['cpu']}; torch {c['torch']}; {c['repeats']} timed requests per N after {c['warmup']} warm-up; "
