@@ -138,6 +138,17 @@ def test_onnx_runtime_scores_equal_the_training_forward_pass(name, small_data, t
     assert client.post("/v1/prerank", json=body).json()["items"] == TestClient(create_app(torch_backend)).post("/v1/prerank", json=body).json()["items"]
 
 
+def test_onnx_export_leaves_the_model_in_eval_mode(small_data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from prerank.serve.artifact import compute_item_table
+    from prerank.serve.onnx import export_onnx
+
+    model = trained("fit", small_data)
+    model.prepare_for_serving()
+    export_onnx(model, compute_item_table(model, small_data.items.to_tensors()), tmp_path / "onnx")
+    assert not model.training  # FIT's training-mode scorer differs: a model left training disagreed with its graph
+
+
 def test_the_onnx_backend_needs_graphs_in_the_artifact(two_tower_artifact):
     _, path = two_tower_artifact
     with pytest.raises(ArtifactError, match="exported without ONNX graphs; re-export with `prerank export --onnx`"):

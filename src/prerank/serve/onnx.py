@@ -103,9 +103,11 @@ def export_onnx(model: PreRankModel, item_table: dict[str, np.ndarray], folder: 
     try:
         with _plain_transformers(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
-            torch.onnx.export(_UserStage(model, names), tuple(request.values()), str(folder / "user.onnx"),
+            # The wrappers in eval mode: the exporter restores the mode it found, recursively, so a
+            # wrapper left in training mode would put the model back into training after export.
+            torch.onnx.export(_UserStage(model, names).eval(), tuple(request.values()), str(folder / "user.onnx"),
                               input_names=names, output_names=user_outputs, opset_version=OPSET, dynamo=False)
-            torch.onnx.export(_CandidateStage(model, user_keys, item_keys), (*user_state.values(), *items.values()),
+            torch.onnx.export(_CandidateStage(model, user_keys, item_keys).eval(), (*user_state.values(), *items.values()),
                               str(folder / "candidates.onnx"), input_names=user_outputs + item_inputs,
                               output_names=["logits"], opset_version=OPSET, dynamo=False,
                               dynamic_axes={**{name: {1: "candidates"} for name in item_inputs}, "logits": {1: "candidates"}})
