@@ -163,7 +163,7 @@ BAD_CONFIGS = [
     (TrainConfig, {"max_grad_norm": 0}, "bad TrainConfig: max_grad_norm: Input should be greater than 0"),
     (TrainConfig, {"epoch": 3}, "bad TrainConfig: epoch: unknown key; known keys: epochs, batch_size"),
     (TrainConfig, {"epochs": "many"}, "bad TrainConfig: epochs: Input should be a valid integer"),
-    (ProtocolConfig, {"name": "random"}, "bad ProtocolConfig: name: Input should be 'temporal', 'inttower' or 'leave_last_out'"),
+    (ProtocolConfig, {"name": "random"}, "bad ProtocolConfig: name: Input should be 'temporal', 'global_time', 'inttower' or 'leave_last_out'"),
     (ProtocolConfig, {"seq_len": -1}, "bad ProtocolConfig: seq_len: Input should be greater than or equal to 0 (got -1)"),
     (ProtocolConfig, {"valid_fraction": 1.0}, "bad ProtocolConfig: valid_fraction: Input should be less than 1"),
     (ProtocolConfig, {"valid_fraction": 0.5, "test_fraction": 0.5}, "valid_fraction + test_fraction must be < 1"),

@@ -178,6 +178,50 @@ def test_temporal_protocol_uses_no_information_from_at_or_after_an_evaluated_row
         assert (ev >= latest_train.reindex(ev.index)).all()
 
 
+def test_global_time_split_is_one_cutoff_for_every_user_and_keeps_a_moment_together():
+    from prerank.data.pipeline import split_global_time
+
+    time = np.array([1, 2, 3, 4, 5, 6, 7, 8, 8, 8])
+    # 10 events, 20% test: the cutoff is the time of the 9th event (8), and all three 8s are test;
+    # the valid cutoff (the 8th event) is also an 8, so the tie leaves validation empty.
+    assert list(split_global_time(time, 0.1, 0.2)) == [0] * 7 + [2] * 3
+    assert list(split_global_time(time, 0.2, 0.1)) == [0] * 7 + [2] * 3
+    assert list(split_global_time(np.arange(10), 0.2, 0.1)) == [0] * 7 + [1] * 2 + [2]
+    assert list(split_global_time(time, 0.1, 0.2, valid_from=3, test_from=6)) == [0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
+    with pytest.raises(ValueError, match="cutoffs of protocol global_time"):
+        ProtocolConfig(name="temporal", valid_from=1, test_from=2)
+    with pytest.raises(ValueError, match="both valid_from and test_from"):
+        ProtocolConfig(name="global_time", test_from=2)
+
+
+def test_global_time_rows_before_a_cutoff_ignore_every_event_after_it():
+    """Perturbing or removing the events at or after the test cutoff changes no train or valid row;
+    the same for the valid cutoff and the train rows. No row is trained on after an evaluated one."""
+    log, users, items = generate_log(n_users=60, n_items=40, events_per_user=15, seed=5)
+    times = np.sort(log[TIMESTAMP].to_numpy())
+    valid_from, test_from = int(times[int(len(times) * 0.8)]), int(times[int(len(times) * 0.9)])
+    protocol = ProtocolConfig(name="global_time", seq_len=6, valid_from=valid_from, test_from=test_from)
+
+    def rows(frame, split):
+        data = build_samples(frame, users, items, synthetic_features(4), protocol, "synthetic")
+        table = data.splits[split]
+        raw_user = np.asarray(data.vocabs["user_id"], dtype=object)[table["user_id"] - 2]
+        return {(u, t, data.item_raw_ids[i]): (lab, tuple(h)) for u, t, i, lab, h in
+                zip(raw_user, table[TIMESTAMP], table[ITEM_ROW], table[LABEL], map(tuple, table["hist_items"]))}, data
+
+    base_train, data = rows(log, "train")
+    assert data.train[TIMESTAMP].max() < valid_from <= data.valid[TIMESTAMP].min()
+    assert data.valid[TIMESTAMP].max() < test_from <= data.test[TIMESTAMP].min()
+    base_valid, _ = rows(log, "valid")
+    late = log[TIMESTAMP] >= test_from
+    perturbed = log.copy()
+    perturbed.loc[late, LABEL] = 1 - perturbed.loc[late, LABEL]
+    perturbed.loc[late, "item"] = perturbed.loc[late, "item"].sample(frac=1, random_state=0).to_numpy()
+    for changed in (perturbed, log[~late]):
+        assert rows(changed, "train")[0] == base_train and rows(changed, "valid")[0] == base_valid
+    assert rows(log[log[TIMESTAMP] < valid_from], "train")[0] == base_train
+
+
 def test_inttower_protocol_is_marked_leaky_and_reproduces_the_script():
     data = load_synthetic(ProtocolConfig(name="inttower", seq_len=0), n_users=80, n_items=30, events_per_user=20, embed_dim=4)
     assert data.meta["leaks_labels"] and "leaks labels" in data.meta["note"]

@@ -57,7 +57,7 @@ def train(
     dataset: str = typer.Option("ml-1m", help=f"one of {DATASETS}"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (ML-1M: users.dat, movies.dat, ratings)"),
     ratings_file: Optional[str] = typer.Option(None, help="ratings file, relative to --data-dir or absolute"),
-    protocol: str = typer.Option("temporal", help="temporal (leakage-free), leave_last_out, or inttower (paper protocol, leaks labels)"),
+    protocol: str = typer.Option("temporal", help="temporal (per-user split, leakage-free), global_time (one time cutoff for all users), leave_last_out, or inttower (paper protocol, leaks labels)"),
     seq_len: int = typer.Option(50, help="behaviour sequence length; 0 drops the feature"),
     embed_dim: Optional[int] = typer.Option(None, help="embedding dim of every id table: the model option embed_dim "
                                             "(same as --set embed_dim=N); default: the dataset's (32)"),
@@ -202,7 +202,7 @@ def benchmark(
     dataset: str = typer.Option("ml-1m", help=f"one of {DATASETS}"),
     data_dir: Optional[Path] = typer.Option(None),
     ratings_file: Optional[str] = typer.Option(None),
-    protocol: str = typer.Option("temporal", help="temporal or inttower (leaks labels; for published comparisons)"),
+    protocol: str = typer.Option("temporal", help="temporal, global_time, leave_last_out, or inttower (leaks labels; for published comparisons)"),
     models: str = typer.Option("all", help="comma-separated models or variants (e.g. two_tower@paper), or 'all'"),
     seeds: int = typer.Option(3),
     epochs: int = typer.Option(10),

@@ -15,6 +15,11 @@ label-derived features exist:
   features, user and item mean of the binary label, computed *on each split from its own labels*
   (so every evaluated row's features contain its own label). **This leaks labels into features**;
   it exists only to reproduce the published numbers.
+- ``global_time`` (how a pre-ranker is deployed: trained on days 1..T, serving day T+1): one
+  cutoff for all users, the last ``test_fraction`` of events by time are test and the
+  ``valid_fraction`` before them validation (events sharing a timestamp share a split); no model
+  trains on any event later than the earliest evaluated one. Vocabularies and statistics from
+  train rows only; the behaviour sequence holds the user's positives strictly before the row.
 - ``leave_last_out`` (sequential recommendation, e.g. S3-Rec on Amazon Beauty): each user's last
   event is test, the one before it validation, the rest train (users with fewer than 3 events stay
   in train). Vocabularies and statistics from train rows only, as under ``temporal``.
@@ -48,7 +53,7 @@ from prerank.config import Fraction, NonNegativeInt, Seed, config_dataclass
 from prerank.data.schema import FIRST_KNOWN_INDEX, OOV_INDEX, PAD_INDEX, DenseScaler, Feature, Kind, Schema, Side
 from prerank.data.table import GRADE, ITEM_ROW, LABEL, TIMESTAMP, PreparedData, SampleTable
 
-ProtocolName = Literal["temporal", "inttower", "leave_last_out"]
+ProtocolName = Literal["temporal", "global_time", "inttower", "leave_last_out"]
 PROTOCOLS = get_args(ProtocolName)
 LEAKAGE_NOTE = (
     "protocol 'inttower' reproduces the IntTower official preprocessing, whose mean-rating features "
@@ -90,8 +95,18 @@ class ProtocolConfig:
     # Sampled negatives per positive (implicit feedback). None: the dataset's default (0 for
     # explicit logs); the draw is seeded by `seed`.
     negatives: NonNegativeInt | None = None
+    # `global_time` only: explicit cutoffs (timestamps; events at or after `test_from` are test,
+    # those from `valid_from` on validation) instead of the fractions.
+    valid_from: int | None = None
+    test_from: int | None = None
 
     def __post_init__(self) -> None:
+        if (self.valid_from is not None or self.test_from is not None) and self.name != "global_time":
+            raise ValueError(f"valid_from / test_from are cutoffs of protocol global_time, not {self.name}")
+        if (self.valid_from is None) != (self.test_from is None):
+            raise ValueError("give both valid_from and test_from, or neither")
+        if self.valid_from is not None and self.valid_from > self.test_from:
+            raise ValueError(f"valid_from ({self.valid_from}) must not be after test_from ({self.test_from})")
         if self.valid_fraction + self.test_fraction >= 1:
             raise ValueError(f"valid_fraction + test_fraction must be < 1, got {self.valid_fraction} + {self.test_fraction}")
 
@@ -143,6 +158,28 @@ def split_temporal(user: np.ndarray, valid_fraction: float, test_fraction: float
     split = np.zeros(len(user), dtype=np.int8)
     split[position >= per_row_count - n_test - n_valid] = 1
     split[position >= per_row_count - n_test] = 2
+    return split
+
+
+def split_global_time(timestamp: np.ndarray, valid_fraction: float, test_fraction: float,
+                      valid_from: int | None = None, test_from: int | None = None) -> np.ndarray:
+    """One cutoff for every user: 0 train, 1 valid, 2 test per row. Test is every event at or after
+    `test_from`, valid every other one at or after `valid_from`; without them the cutoffs are the
+    times of the events at quantiles 1 - test_fraction and 1 - test_fraction - valid_fraction of
+    all events by time. Events sharing a timestamp share a split, so nothing of a cutoff's moment
+    is both trained on and evaluated."""
+    ordered = np.sort(timestamp, kind="stable")
+    n = len(ordered)
+
+    def cutoff(fraction: float):
+        at = min(n - 1, int(np.ceil(n * (1 - fraction))))
+        return ordered[at] if fraction > 0 and n else np.inf
+
+    if test_from is None:
+        valid_from, test_from = cutoff(test_fraction + valid_fraction), cutoff(test_fraction)
+    split = np.zeros(n, dtype=np.int8)
+    split[timestamp >= valid_from] = 1
+    split[timestamp >= test_from] = 2
     return split
 
 
@@ -297,6 +334,9 @@ def build_samples(
         split = split_inttower(len(log), protocol.seed)
     elif protocol.name == "leave_last_out":
         split = split_leave_last_out(log[USER].to_numpy())
+    elif protocol.name == "global_time":
+        split = split_global_time(log[TIMESTAMP].to_numpy(), protocol.valid_fraction, protocol.test_fraction,
+                                  protocol.valid_from, protocol.test_from)
     else:
         split = split_temporal(log[USER].to_numpy(), protocol.valid_fraction, protocol.test_fraction)
     for key, table in ((ITEM, items), (USER, users)):
