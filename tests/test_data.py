@@ -238,6 +238,18 @@ def test_inttower_protocol_is_marked_leaky_and_reproduces_the_script():
     np.testing.assert_allclose(test["user_mean_rating"], (rate - lo) / (hi - lo), atol=1e-6)
 
 
+def test_inttower_behaviour_sequences_hold_no_test_label():
+    data = load_synthetic(ProtocolConfig(name="inttower", seq_len=8), n_users=80, n_items=30, events_per_user=20, embed_dim=4)
+    # Every item in a sequence is a positive of that user in the train split, strictly earlier.
+    train = data.train
+    positives = {(u, i) for u, i, lab in zip(train["user_id"], train["item_id"], train[LABEL]) if lab > 0}
+    for split in data.splits.values():
+        for user, history in zip(split["user_id"], split["hist_items"]):
+            assert all((user, i) in positives for i in history if i != PAD_INDEX)
+    test_positive = {(u, i) for u, i, lab in zip(data.test["user_id"], data.test["item_id"], data.test[LABEL]) if lab > 0}
+    assert test_positive - positives  # the check has teeth: some test positives are not train positives
+
+
 def test_schema_validates_and_round_trips():
     f = [Feature("u", "user", "categorical", 10, 4), Feature("i", "item", "categorical", 5, 4),
          Feature("s", "user", "sequence", 5, 4, 3, vocab="i")]

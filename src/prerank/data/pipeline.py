@@ -14,7 +14,8 @@ label-derived features exist:
   validation, vocabularies fitted on all data, users with no positive dropped, and two dense
   features, user and item mean of the binary label, computed *on each split from its own labels*
   (so every evaluated row's features contain its own label). **This leaks labels into features**;
-  it exists only to reproduce the published numbers.
+  it exists only to reproduce the published numbers. Its behaviour sequence (the official script
+  feeds none) holds only train-split positives, so that no row's sequence carries a test label.
 - ``global_time`` (how a pre-ranker is deployed: trained on days 1..T, serving day T+1): one
   cutoff for all users, the last ``test_fraction`` of events by time are test and the
   ``valid_fraction`` before them validation (events sharing a timestamp share a split); no model
@@ -392,10 +393,13 @@ def build_samples(
         if sequence_column is not None:
             columns[sequence_name] = encode_sequences(log[sequence_column], vocabs[item_id_spec.name], protocol.seq_len)
         else:
+            # Under `inttower` the split is random: a sequence over every split would put the
+            # positives of test rows (their labels) into earlier train rows' features.
+            history = (log[LABEL].to_numpy() > 0) & ((split == 0) if protocol.name == "inttower" else True)
             columns[sequence_name] = behaviour_sequences(
                 log[USER].to_numpy(),
                 log[TIMESTAMP].to_numpy(),
-                log[LABEL].to_numpy() > 0,
+                history,
                 columns[item_id_spec.name],
                 protocol.seq_len,
             )
