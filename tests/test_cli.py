@@ -149,3 +149,15 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     weights = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["state_dict"] for name in ("whole", "cut")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not (tmp_path / "cut.partial").exists() and not list(tmp_path.rglob("resume.pt"))
+
+
+def test_the_label_leak_is_said_in_history_and_evaluate(tmp_path):
+    out = tmp_path / "paper"
+    result = runner.invoke(app, ["train", "--dataset", "synthetic", "--model", "two_tower", "--protocol", "inttower",
+                                 "--seq-len", "0", "--epochs", "1", "--embed-dim", "8", "--batch-size", "512",
+                                 "--set", "hidden=[16]", "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    history = json.loads((out / "history.json").read_text())
+    assert history["leaks_labels"] is True and history["protocol"] == "inttower" and len(history["epochs"]) == 1
+    evaluated = runner.invoke(app, ["evaluate", "--checkpoint", str(out / "checkpoint.pt")])
+    assert evaluated.exit_code == 0 and json.loads(evaluated.output)["leaks_labels"] is True

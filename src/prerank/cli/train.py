@@ -175,7 +175,8 @@ def evaluate(
         if split not in data.splits:
             fail(f"unknown split {split!r}; choose train, valid or test")
         report = evaluate_table(model, data.splits[split])
-    typer.echo(json.dumps({"model": payload["model"], "split": split, "protocol": data.meta.get("protocol"), **report}, indent=2))
+    typer.echo(json.dumps({"model": payload["model"], "split": split, "protocol": data.meta.get("protocol"),
+                           "leaks_labels": data.meta.get("leaks_labels", False), **report}, indent=2))
 
 
 def models() -> None:

@@ -44,9 +44,11 @@ def train_and_evaluate(
         raise ValueError(f"model {model_name!r} trains on {' or '.join(model.training_modes)} data, not {mode} "
                          f"({'give --cascade' if cascade is None else 'drop --cascade'})")
     extra = {"data_source": data_source or {}, "data_meta": data.meta, "train_config": train_config.__dict__}
+    history_context = {"protocol": data.meta.get("protocol"), "leaks_labels": data.meta.get("leaks_labels", False)}
     if cascade is None:
         def fit_phase(phase_dir: Path | None) -> Trainer:
             trainer = Trainer(model, train_config)
+            trainer.history_context = history_context
             trainer.fit(data.train, data.valid, out_dir=phase_dir, checkpoint_extra=extra)
             return trainer
     else:
@@ -58,6 +60,7 @@ def train_and_evaluate(
 
         def fit_phase(phase_dir: Path | None) -> Trainer:
             trainer = ListwiseTrainer(model, train_config, hybrid)
+            trainer.history_context = history_context
             trainer.fit_lists(data, train_lists, valid_lists, out_dir=phase_dir)
             return trainer
     phases = fit_plan(model, fit_phase, out_dir)

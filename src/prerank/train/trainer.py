@@ -159,6 +159,8 @@ class Trainer:
         self.history: list[EpochLog] = []
         self.best_epoch = 0
         self.best_valid = -math.inf  # the early-stopping metric of the best epoch (`metric_name`)
+        # What OUT/history.json says about the data beside the epochs (e.g. that its protocol leaks labels).
+        self.history_context: dict = {}
 
     @property
     def best_valid_auc(self) -> float:
@@ -275,7 +277,8 @@ class Trainer:
         self.model.load_state_dict(best_state)
         if out_dir is not None and ctx.is_main:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(out_dir) / "history.json").write_text(json.dumps([asdict(h) for h in self.history], indent=2))
+            payload = {**self.history_context, "epochs": [asdict(h) for h in self.history]}
+            (Path(out_dir) / "history.json").write_text(json.dumps(payload, indent=2))
         return self.history
 
     @property
