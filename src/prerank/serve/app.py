@@ -30,6 +30,7 @@ import ipaddress
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -40,7 +41,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from prerank import __version__
-from prerank.serve.artifact import verify_artifact
+from prerank.serve.artifact import UnverifiedArtifactWarning, verify_artifact
 from prerank.serve.scorer import RequestError, Scorer, UnknownItemsError
 
 # Request limits: a body is refused (413) before it is parsed; these bound what a parsed one holds.
@@ -294,8 +295,11 @@ def app_from_env() -> FastAPI:
     settings = json.loads(os.environ[ENV_SETTINGS])
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
-    scorer = Scorer.load(settings["artifact"], device=settings["device"], verify=settings["verify"],
-                         backend=settings["backend"], threads=settings["threads"] or 1)
+    with warnings.catch_warnings():
+        if settings["verified_by_server"]:  # checked once by `serve` before the workers started
+            warnings.simplefilter("ignore", UnverifiedArtifactWarning)
+        scorer = Scorer.load(settings["artifact"], device=settings["device"], verify=False,
+                             backend=settings["backend"], threads=settings["threads"] or 1)
     api_key = read_api_key(settings["api_key_file"]) if settings["api_key_file"] else None
     return create_app(scorer, max_candidates=settings["max_candidates"], max_body_bytes=settings["max_body_bytes"],
                       api_key=api_key, docs=settings["docs"], request_timeout=settings["request_timeout"])
@@ -317,7 +321,7 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, threads: Opt
     if verify:  # once, here, so that a bad artifact is one clear message rather than one per worker
         verify_artifact(artifact)
     os.environ[ENV_SETTINGS] = json.dumps({"artifact": str(artifact), "threads": threads, "device": device,
-                                           "verify": False, "max_candidates": max_candidates,
+                                           "verified_by_server": verify, "max_candidates": max_candidates,
                                            "max_body_bytes": max_body_bytes,
                                            "api_key_file": str(api_key_file) if api_key_file else None, "docs": docs,
                                            "request_timeout": request_timeout, "backend": backend})
