@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from prerank.config import ConfigError  # noqa: F401  (models import it from here)
 from prerank.config import config_dataclass as validated_config
-from prerank.data.schema import Schema
+from prerank.data.schema import Kind, Schema
 from prerank.models.layers import MLP
 from prerank.models.registry import ModelRegistry
 
@@ -239,6 +239,20 @@ def gather_items(table: State, rows: Tensor) -> State:
     -> {key: [B, N, ...]} (or [B, ...])."""
     rows = rows.long()
     return {k: v.index_select(0, rows.reshape(-1)).reshape(*rows.shape, *v.shape[1:]) for k, v in table.items()}
+
+
+def padding_inputs(features) -> dict[str, Tensor]:
+    """One row of padding values for `features` (schema `Feature`s), shaped as the serving path
+    encodes one request or item: {name: [1] ids or dense values, [1, max_len] bags and sequences}."""
+    inputs = {}
+    for f in features:
+        if f.kind is Kind.DENSE:
+            inputs[f.name] = torch.zeros(1)
+        elif f.is_bag:
+            inputs[f.name] = torch.zeros(1, f.max_len, dtype=torch.long)
+        else:
+            inputs[f.name] = torch.zeros(1, dtype=torch.long)
+    return inputs
 
 
 # Built-in models and those of `prerank.models` entry points (read on first need; see registry.py).

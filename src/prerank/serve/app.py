@@ -109,10 +109,10 @@ class Health(BaseModel):
 
 class RequestMetrics:
     """ASGI middleware: Prometheus counts of every request by path and status, and its latency,
-    into `registry` (one per app; with several --workers each process keeps its own)."""
+    into the app's metrics (one registry per app; with several --workers each process keeps its own)."""
 
-    def __init__(self, app, registry, requests, latency) -> None:
-        self.app, self.registry, self.requests, self.latency = app, registry, requests, latency
+    def __init__(self, app, requests, latency) -> None:
+        self.app, self.requests, self.latency = app, requests, latency
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -228,7 +228,7 @@ def create_app(scorer: Scorer, max_candidates: int = 100_000, max_body_bytes: in
         redoc_url=None,
     )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.add_middleware(RequestMetrics, registry=registry, requests=requests, latency=latency)
+    app.add_middleware(RequestMetrics, requests=requests, latency=latency)
 
     @app.get("/metrics", dependencies=[Depends(authorized)], include_in_schema=False)
     def metrics() -> Response:

@@ -38,7 +38,7 @@ import torch
 from prerank import __version__
 from prerank.data.schema import Schema
 from prerank.data.table import PreparedData
-from prerank.models.base import PreRankModel, State, config_to_dict, create_model
+from prerank.models.base import PreRankModel, State, config_to_dict, create_model, padding_inputs
 
 ARTIFACT_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -251,15 +251,7 @@ def verify_artifact(path: str | Path, manifest: dict | None = None) -> None:
 @torch.no_grad()
 def _expected_item_state(model: PreRankModel) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{state name: (shape per item, dtype)} of what `encode_items` makes of one padding item."""
-    probe = {}
-    for f in model.schema.item_features:
-        if f.kind.value == "dense":
-            probe[f.name] = torch.zeros(1)
-        elif f.max_len > 1 or f.kind.value == "multi_categorical":
-            probe[f.name] = torch.zeros(1, f.max_len, dtype=torch.long)
-        else:
-            probe[f.name] = torch.zeros(1, dtype=torch.long)
-    state = model.encode_items(probe)
+    state = model.encode_items(padding_inputs(model.schema.item_features))
     return {name: (tuple(t.shape[1:]), torch.empty(0, dtype=t.dtype).numpy().dtype) for name, t in state.items()}
 
 

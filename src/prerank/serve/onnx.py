@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from prerank.data.schema import Kind
-from prerank.models.base import PreRankModel, State
+from prerank.models.base import PreRankModel, State, padding_inputs
 
 ONNX_DIR = Path("onnx")
 OPSET = 17
@@ -41,19 +40,6 @@ def _require(module: str):
         return __import__(module)
     except ImportError:
         raise OnnxUnavailable(f"ONNX support needs the package {module!r}: pip install 'prerank[onnx]'") from None
-
-
-def example_request(model: PreRankModel) -> dict[str, Tensor]:
-    """One request of padding values, shaped as the serving path encodes one: {feature: [1] or [1, S]}."""
-    request = {}
-    for f in model.schema.user_features:
-        if f.kind is Kind.DENSE:
-            request[f.name] = torch.zeros(1)
-        elif f.is_bag:
-            request[f.name] = torch.zeros(1, f.max_len, dtype=torch.long)
-        else:
-            request[f.name] = torch.zeros(1, dtype=torch.long)
-    return request
 
 
 class _UserStage(nn.Module):
@@ -93,7 +79,7 @@ def export_onnx(model: PreRankModel, item_table: dict[str, np.ndarray], folder: 
     their input and output names. `item_table` {key: [M, ...]} supplies example item states."""
     _require("onnx")
     folder.mkdir(parents=True, exist_ok=True)
-    request = example_request(model)
+    request = padding_inputs(model.schema.user_features)  # one request, as the scorer encodes it
     names = list(request)
     user_state = model.encode_user(request)
     user_keys, item_keys = list(user_state), list(item_table)
