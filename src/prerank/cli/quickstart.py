@@ -31,9 +31,9 @@ def base_rate_logloss(train_labels, test_labels) -> float:
     """The log loss of predicting the training positive rate for every test row: what a model must beat."""
     import numpy as np
 
-    rate = float(np.clip(np.mean(train_labels), 1e-7, 1 - 1e-7))
-    y = np.asarray(test_labels, dtype=np.float64)
-    return float(-np.mean(y * np.log(rate) + (1 - y) * np.log(1 - rate)))
+    from prerank.metrics import logloss
+
+    return logloss(test_labels, np.full(len(test_labels), np.mean(train_labels)))
 
 
 def run_quickstart(epochs: int = 5, out: Path = Path("runs/quickstart"), models: tuple[str, ...] = ("two_tower",)) -> list[dict]:
